@@ -393,20 +393,33 @@ def vision_rotary_cos_sin(grid_thw, head_dim: int, theta: float, merge_size: int
 
 
 def _axis_taps(index: np.ndarray, size: np.ndarray, side: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per-axis taps (int64) and weights (float64) for target cells ``index`` of an axis of ``size`` cells."""
-    src = (index + 0.5) * side / size - 0.5  # half-pixel centres (align_corners=False)
+    """Per-axis taps (int64) and weights (float32) for target cells ``index`` of an axis of ``size`` cells.
+
+    Mirrors the float32 arithmetic of the towers and of torch's CPU ``grid_sample`` step by step (normalise to
+    [-1, 1], then unnormalise as ``(x + 1) * (side / 2) - 0.5``), so the taps and weights are the ones torch uses.
+    """
+    f32 = np.float32
+    normalized = ((index.astype(f32) + f32(0.5)) / size.astype(f32)) * f32(2) - f32(1)
+    src = (normalized + f32(1)) * f32(side / 2) - f32(0.5)  # align_corners=False
+    if mode == "bilinear":
+        src = np.clip(src, f32(0), f32(side - 1))  # border padding clips the coordinate itself
     floor = np.floor(src)
+    frac = (src - floor)[:, None]
     offsets = np.arange(0, 2) if mode == "bilinear" else np.arange(-1, 3)
     taps = np.clip(floor.astype(np.int64)[:, None] + offsets, 0, side - 1)  # border padding: clamp the taps
-    distance = np.abs(src[:, None] - floor[:, None] - offsets)
     if mode == "bilinear":
-        weights = np.clip(1 - distance, 0, None)
+        weights = np.concatenate([f32(1) - frac, frac], axis=1)
     else:
-        a = -0.75  # Keys cubic kernel, as torch's bicubic
-        near = ((a + 2) * distance - (a + 3)) * distance * distance + 1
-        far = ((a * distance - 5 * a) * distance + 8 * a) * distance - 4 * a
-        weights = np.where(distance <= 1, near, far)
-    return taps, weights
+        a = f32(-0.75)  # Keys cubic kernel, as torch's bicubic
+
+        def near(x):  # |x| <= 1
+            return ((a + f32(2)) * x - (a + f32(3))) * x * x + f32(1)
+
+        def far(x):  # 1 < |x| < 2
+            return ((a * x - f32(5) * a) * x + f32(8) * a) * x - f32(4) * a
+
+        weights = np.concatenate([far(frac + f32(1)), near(frac), near(f32(1) - frac), far(f32(2) - frac)], axis=1)
+    return taps, weights.astype(f32, copy=False)
 
 
 def interpolation_taps(grid_thw, table_side: int, mode: str, merge_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -426,10 +439,10 @@ def interpolation_taps(grid_thw, table_side: int, mode: str, merge_size: int) ->
     grid = _as_grid(grid_thw)
     positions = vision_position_ids(grid, merge_size)
     counts = grid[:, 0] * grid[:, 1] * grid[:, 2]
-    heights = np.repeat(grid[:, 1], counts).astype(np.float64)
-    widths = np.repeat(grid[:, 2], counts).astype(np.float64)
-    h_taps, h_weights = _axis_taps(positions[:, 0].astype(np.float64), heights, table_side, mode)
-    w_taps, w_weights = _axis_taps(positions[:, 1].astype(np.float64), widths, table_side, mode)
+    heights = np.repeat(grid[:, 1], counts)
+    widths = np.repeat(grid[:, 2], counts)
+    h_taps, h_weights = _axis_taps(positions[:, 0], heights, table_side, mode)
+    w_taps, w_weights = _axis_taps(positions[:, 1], widths, table_side, mode)
     n = h_taps.shape[1]
     idx = (h_taps[:, :, None] * table_side + w_taps[:, None, :]).reshape(-1, n * n)
     weights = (h_weights[:, :, None] * w_weights[:, None, :]).reshape(-1, n * n)

@@ -20,3 +20,21 @@ def hf_checkpoints(tmp_path_factory):
         model.save_pretrained(folder, max_shard_size="100KB" if name == SHARDED else "10GB")
         out[name] = (model, folder)
     return out
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """A cached exporter: exported(name_or_folder, precision="fp32") -> engines folder, exported once per session."""
+    from glmtrt.export import export_model
+
+    root = tmp_path_factory.mktemp("engines")
+    cache: dict[tuple[str, str], object] = {}
+
+    def get(model, precision: str = "fp32"):
+        key = (str(model), precision)
+        if key not in cache:
+            out = root / f"{len(cache)}-{precision}"
+            cache[key] = export_model(model, out, precision=precision, progress=False)
+        return cache[key]
+
+    return get

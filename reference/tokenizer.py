@@ -1,0 +1,42 @@
+"""Small character-level tokenizer.json files for tiny checkpoints (tests, demo, the trained OCR model).
+
+Real GLM checkpoints ship their own tokenizer.json; tiny ones need one whose special tokens carry the
+GLM names at the ids the config uses, so the runtime's chat formatting is exercised for real.
+"""
+
+from __future__ import annotations
+
+import string
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+# GLM special tokens at the ids the tiny GLM-4V-family presets use (image/video ids from their config.json).
+TINY_GLM4V_SPECIALS: dict[str, int] = {
+    "<|pad|>": 0, "<|endoftext|>": 1, "<|user|>": 2, "[gMASK]": 3, "<sop>": 4, "<|system|>": 5,
+    "<|assistant|>": 6, "<|observation|>": 7, "<think>": 8, "</think>": 9, "<eop>": 10,
+    "<answer>": 11, "</answer>": 12,
+    "<|image|>": 250, "<|video|>": 251, "<|begin_of_image|>": 252, "<|end_of_image|>": 253,
+    "<|begin_of_video|>": 254, "<|end_of_video|>": 255,
+}
+DEFAULT_CHARACTERS = string.ascii_letters + string.digits + string.punctuation + " \n"
+
+
+def build_char_tokenizer(specials: dict[str, int], characters: str = DEFAULT_CHARACTERS, first_char_id: int = 16,
+                         unk: str = "<|pad|>") -> Tokenizer:
+    """A tokenizer with one token per character (ids from ``first_char_id``) and the given special tokens.
+
+    Unknown characters map to ``unk``. Decoding concatenates tokens (no spaces inserted).
+    """
+    vocab = dict(specials)
+    next_id = first_char_id
+    for ch in dict.fromkeys(characters):
+        while next_id in vocab.values():
+            next_id += 1
+        vocab[ch] = next_id
+        next_id += 1
+    tokenizer = Tokenizer(models.WordPiece(vocab, unk_token=unk, max_input_chars_per_word=10**6,
+                                           continuing_subword_prefix=""))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character alone
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.add_special_tokens(sorted(specials, key=specials.get))
+    return tokenizer
