@@ -378,6 +378,8 @@ def vision_rotary_cos_sin(grid_thw, head_dim: int, theta: float, merge_size: int
 
     head_dim must be a multiple of 4: F = head_dim/4 frequencies; per patch u = [h*inv_freq, w*inv_freq]
     (head_dim/2) and cos = [cos u, cos u] (half-split pairing), all in float32 as torch computes it.
+    inv_freq equals torch's bit for bit at theta 1e4 for every head_dim up to 128 (all GLM towers); elsewhere
+    torch's vectorised float32 pow may differ by 1 ulp, which moves cos/sin by ~1e-5 at positions ~200.
     Returns cos, sin: float32 (sum t*h*w, head_dim), patches ordered as ``vision_position_ids``.
     """
     if head_dim < 4 or head_dim % 4:

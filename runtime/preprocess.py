@@ -411,9 +411,14 @@ def preprocess_video(
 
     Note: transformers resizes videos with torchvision only; this uses the image processor's PIL bicubic.
     """
-    frame_list = list(frames) if not isinstance(frames, np.ndarray) else [f for f in frames]
-    if isinstance(frames, np.ndarray) and frames.ndim != 4:
-        raise ValueError(f"a video array must be (T, H, W, C) uint8, got shape {frames.shape}.")
+    if isinstance(frames, np.ndarray):
+        if frames.ndim != 4:
+            raise ValueError(f"a video array must be (T, H, W, C) uint8, got shape {frames.shape}.")
+        frame_list = list(frames)
+    elif isinstance(frames, Sequence) and not isinstance(frames, (str, bytes)):
+        frame_list = list(frames)
+    else:
+        raise ValueError(f"frames must be a list of frames or a (T, H, W, C) array, got {type(frames).__name__}.")
     tp = config.temporal_patch_size
     if len(frame_list) < tp:
         raise ValueError(
