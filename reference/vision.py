@@ -30,12 +30,14 @@ def apply_vision_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -
 def segment_attention(q, k, v, segment_ids: torch.Tensor, scale: float) -> torch.Tensor:
     """Non-causal attention restricted to patches of the same image/frame.
 
-    q, k, v: (N, heads, hd); segment_ids: int64 (N,). Softmax in fp32. Returns (N, heads*hd).
+    q, k, v: (N, heads, hd); segment_ids: int64 (N,), or None when all patches are one image (no mask: what
+    the one-image-per-call vision graph computes). Softmax in fp32. Returns (N, heads*hd).
     """
     q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # (heads, N, hd)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    same = segment_ids[:, None] == segment_ids[None, :]
-    scores = torch.where(same, scores, torch.finfo(scores.dtype).min)
+    if segment_ids is not None:
+        same = segment_ids[:, None] == segment_ids[None, :]
+        scores = torch.where(same, scores, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probs, v).transpose(0, 1).flatten(1)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import math
 import re
 from types import SimpleNamespace
@@ -28,7 +27,6 @@ from transformers.models.glm4v.processing_glm4v import Glm4vProcessor  # noqa: E
 from transformers.models.glm_image.processing_glm_image import GlmImageProcessor  # noqa: E402
 from transformers.video_utils import VideoMetadata  # noqa: E402
 
-HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 TOL = 1e-5
 
 
@@ -310,17 +308,6 @@ def test_video_budget_counts_real_frames():
     assert np.abs(ours.pixel_values - ref_pixels).max() <= TOL
     still = pp.preprocess_images([frames[0]], config)
     assert ours.grid_thw[0, 1] * ours.grid_thw[0, 2] < still.grid_thw[0, 1] * still.grid_thw[0, 2]
-
-
-@pytest.mark.skipif(not HAS_TORCHVISION, reason="Glm4vVideoProcessor's resize/normalize need torchvision")
-def test_video_matches_full_video_processor_when_torchvision_present():
-    # Frames already at the target size, so torchvision's resize kernel (not PIL's) does not enter.
-    config = pp.ImageProcessorConfig(max_pixels=pp.VIDEO_MAX_PIXELS)
-    frames = np.stack([np.asarray(_noise_image(84, 112, seed=i)) for i in range(4)])
-    ours, _ = pp.preprocess_video(frames, config)
-    theirs = hf_glm4v_video.Glm4vVideoProcessor()(videos=[frames], do_sample_frames=False, return_tensors="np")
-    np.testing.assert_array_equal(ours.grid_thw, theirs["video_grid_thw"])
-    assert np.abs(ours.pixel_values - theirs["pixel_values_videos"]).max() <= TOL
 
 
 @pytest.mark.parametrize("num_frames,frame_fps", [(4, 2.0), (6, 0.5), (3, 1.0), (8, 0.25)])
