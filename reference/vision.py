@@ -27,7 +27,7 @@ def apply_vision_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -
     return out.to(x.dtype)
 
 
-def segment_attention(q, k, v, segment_ids: torch.Tensor, scale: float) -> torch.Tensor:
+def segment_attention(q, k, v, segment_ids: torch.Tensor | None, scale: float) -> torch.Tensor:
     """Non-causal attention restricted to patches of the same image/frame.
 
     q, k, v: (N, heads, hd); segment_ids: int64 (N,), or None when all patches are one image (no mask: what
