@@ -1,7 +1,8 @@
 """The reference generation loop: host functions (numpy, shared with the runtime) around the model's stages.
 
 preprocessed inputs -> vision -> embedding + placeholder merge -> 3-D positions -> prefill -> greedy decode.
-This is the road the runtime walks with graphs instead of PyTorch modules.
+This is the road the runtime walks with graphs instead of PyTorch modules; the host side of it (which vision
+calls, where their outputs go, prompt and decode positions) is ``glmtrt.runtime.prompt``, shared by both.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from glmtrt.runtime.positions import decode_position_ids, get_rope_index, glm_image_rope_index, mm_token_type_ids
-from glmtrt.runtime.vision_tables import placeholder_positions, vision_tables
+from glmtrt.runtime.prompt import HostConfig, PromptPlan, plan_prompt
+from glmtrt.runtime.vision_tables import vision_tables
 
 from .model import GlmModel
 
@@ -42,7 +43,9 @@ class PromptBatch:
 
 
 def run_vision(model: GlmModel, pixel_values: np.ndarray, grid_thw: np.ndarray) -> torch.Tensor:
-    """Vision stage with host-made tables. Videos must be given per frame (grid rows with t = 1)."""
+    """Vision stage over several images in one call (attention kept inside each by segment ids), with host-made
+    tables. Videos must be given per frame (grid rows with t = 1). The generation road calls the tower once
+    per image / frame instead (``prepare_prefill``), as the runtime calls its vision graph."""
     v = model.config.vision
     tables = vision_tables(grid_thw, kind=v.kind, head_dim=v.head_dim, rope_theta=v.rope_theta,
                            merge_size=v.spatial_merge_size, table_side=v.pos_table_side)
@@ -56,48 +59,34 @@ def per_frame_grids(video_grid_thw: np.ndarray) -> np.ndarray:
     return np.concatenate([np.tile([1, h, w], (t, 1)) for t, h, w in grids]).astype(np.int64)
 
 
-def _glm_image_source_grids(batch: PromptBatch) -> np.ndarray:
-    # Each sample's grids are [sources..., targets...]; with pixels present (image-to-image) one target follows.
-    grids = np.asarray(batch.image_grid_thw).reshape(-1, 3)
-    counts = np.asarray(batch.images_per_sample if batch.images_per_sample is not None else [len(grids)])
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    return np.concatenate([grids[s:s + c - 1] for s, c in zip(starts, counts)])
+def host_plan(model: GlmModel, batch: PromptBatch) -> PromptPlan:
+    """The runtime's host-side plan of a batch (vision calls, placeholder merge, 3-D and decode positions)."""
+    return plan_prompt(HostConfig.from_config_dict(model.config.to_dict()), batch.input_ids, batch.attention_mask,
+                       batch.pixel_values, batch.image_grid_thw, batch.pixel_values_videos, batch.video_grid_thw,
+                       batch.images_per_sample)
 
 
 def prepare_prefill(model: GlmModel, batch: PromptBatch):
     """Embeddings with visual inputs merged, 3-D positions and the decode-position source.
 
-    Returns (inputs_embeds (B, L, H), position_ids int64 np (3, B, L), decode_positions) where
-    ``decode_positions(step)`` gives int64 np (3, B, 1) for the step-th generated token's input (step 0 = first).
+    Walks the runtime's host plan (``glmtrt.runtime.prompt``): one vision call per image / video frame, outputs
+    merged at the placeholders, positions from the plan. Returns (inputs_embeds (B, L, H), position_ids int64 np
+    (3, B, L), decode_positions) where ``decode_positions(step)`` gives int64 np (3, B, 1) for the step-th
+    generated token's input (step 0 = first).
     """
-    c = model.config
-    ids, mask = batch.input_ids.copy(), batch.attention_mask
-    if c.model_type == "glm_image":
-        if batch.pixel_values is not None:
-            codes = run_vision(model, batch.pixel_values, _glm_image_source_grids(batch)).numpy()
-            where = placeholder_positions(ids, c.image_token_id)
-            ids[where] = codes  # GLM-Image merges VQ codes into the ids, before the embedding
-        position_ids, table = glm_image_rope_index(ids, batch.image_grid_thw, batch.images_per_sample, mask,
-                                                   c.image_start_token_id, c.image_end_token_id)
-        embeds = model.embed(torch.from_numpy(ids))
-        return embeds, position_ids, lambda step: np.ascontiguousarray(table[:, :, step:step + 1].transpose(1, 0, 2))
-
-    embeds = model.embed(torch.from_numpy(ids)).clone()
-    mm_types = mm_token_type_ids(ids, c.image_token_id, c.video_start_token_id, c.video_end_token_id)
-    for kind, pixels, grids in ((1, batch.pixel_values, batch.image_grid_thw),
-                                (2, batch.pixel_values_videos, batch.video_grid_thw)):
-        if pixels is None:
-            continue
-        frames = grids if kind == 1 else per_frame_grids(grids)
-        features = run_vision(model, pixels, frames)
-        b_idx, s_idx = np.nonzero(mm_types == kind)
-        if len(b_idx) != features.shape[0]:
-            raise ValueError(f"prompt has {len(b_idx)} placeholder tokens but the visual inputs give {features.shape[0]}")
-        embeds[torch.from_numpy(b_idx), torch.from_numpy(s_idx)] = features.to(embeds.dtype)
-    position_ids, deltas = get_rope_index(ids, mm_types, batch.image_grid_thw, batch.video_grid_thw, mask,
-                                          c.vision.spatial_merge_size)
-    valid = mask.sum(1)
-    return embeds, position_ids, lambda step: decode_position_ids(valid + step, deltas)
+    plan = host_plan(model, batch)
+    outputs = []
+    for call in plan.vision_calls:
+        inputs = {k: torch.from_numpy(a) for k, a in plan.vision_inputs(call).items()}
+        outputs.append(model.vision(inputs.pop("pixel_values"), **inputs))
+    if plan.merges_codes:
+        ids = plan.merge_codes([o.numpy() for o in outputs])  # GLM-Image: VQ codes replace the ids before embedding
+        return model.embed(torch.from_numpy(ids)), plan.position_ids, plan.decode_positions
+    embeds = model.embed(torch.from_numpy(plan.input_ids)).clone()
+    for kind, parts in plan.outputs_by_kind(outputs).items():
+        b_idx, s_idx = plan.placeholder_index(kind)
+        embeds[torch.from_numpy(b_idx), torch.from_numpy(s_idx)] = torch.cat(parts).to(embeds.dtype)
+    return embeds, plan.position_ids, plan.decode_positions
 
 
 @torch.no_grad()

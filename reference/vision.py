@@ -157,7 +157,8 @@ class Glm4vVisionModel(nn.Module):
 
     def forward(self, pixel_values, rotary_cos, rotary_sin, tap_index, tap_weight, segment_ids):
         """pixel_values: (N, C*T*P*P); rotary_cos/sin: fp32 (N, hd); tap_index: int64 (N, 16) and tap_weight:
-        fp32 (N, 16) (ignored by GLM-OCR); segment_ids: int64 (N,). Returns embeddings (N / merge^2, out_hidden)."""
+        fp32 (N, 16) (ignored by GLM-OCR); segment_ids: int64 (N,), or None for one image. Returns embeddings
+        (N / merge^2, out_hidden)."""
         c = self.config
         x = self.patch_embed(pixel_values)
         if c.kind == "glm4v":

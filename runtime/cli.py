@@ -37,6 +37,38 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default: %(default)s)")
 
 
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_argument(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="engines folder to write (must not exist unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing export at --out (only once the new one is complete)")
+    p.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset (default: 20)")
+    p.add_argument("--precision", default="fp32", help="graph precision (default: %(default)s; only fp32 for now)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-graph lines; print only the result")
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engines", required=True, metavar="DIR", help="engines folder written by `glmtrt export`")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image to put before the prompt (repeat for several)")
+    p.add_argument("--prompt", required=True, metavar="TEXT", help="the user's text")
+    p.add_argument("--system", default=None, metavar="TEXT", help="an optional system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help="tokens to generate at most (default: the manifest's, else 256)")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, prompt_token_ids, "
+                   "stop_reason, timings, thinking, answer")
+    p.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default="cpu",
+                   help="ONNX Runtime execution provider (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="ONNX Runtime intra-op threads")
+    p.add_argument("--temperature", type=float, default=None, metavar="T", help="0 = greedy (the default)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K likeliest (0 = off)")
+    p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling mass (1 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=None, metavar="R", help="1 = off")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="seed of the sampler (reproducible draws)")
+    p.add_argument("--ignore-eos", action="store_true", help="never stop before --max-new-tokens")
+    p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of the engine files")
+
+
 def add_presets_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the normalized configs as JSON")
 
@@ -46,6 +78,10 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] 
     "demo": ("run the reference on the built-in default and print the generated tokens",
              add_demo_arguments, "glmtrt.reference.demo:demo_command"),
     "presets": ("list the built-in model presets", add_presets_arguments, "glmtrt.reference.demo:presets_command"),
+    "run": ("generate from images and a prompt with an engines folder (torch-free runtime)",
+            add_run_arguments, "glmtrt.runtime.pipeline:run_command"),
+    "export": ("export a checkpoint or preset to ONNX graphs + manifest (an engines folder)",
+               add_export_arguments, "glmtrt.export.cli:export_command"),
 }
 
 

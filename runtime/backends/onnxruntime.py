@@ -1,0 +1,179 @@
+"""ONNX Runtime backend: one InferenceSession per graph; prefill and decode through IO binding.
+
+The KV cache never round-trips through Python objects between steps. Each cache tensor gets two flat
+buffers ("arenas") of ``batch * kv_heads * capacity * head_dim`` elements, allocated once per generation on
+the provider's device; prefill writes its presents into arena A, decode step s reads its past from one arena
+and writes the grown present into the other (ping-pong), each bound by pointer with that step's shape. The
+logits output is bound to one preallocated host buffer. Per step only the new token's embedding, positions
+and mask travel from the host, and only the logits come back.
+
+Providers: "cpu" (CPUExecutionProvider); "cuda" and "tensorrt" need onnxruntime-gpu
+(``pip install 'glmtrt[gpu]'``) and map to CUDAExecutionProvider / TensorrtExecutionProvider (+ CUDA fallback).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import GlmTrtError
+from ..manifest import Manifest, ManifestError
+from . import Backend, DecodeState, KVLayout
+
+__all__ = ["OrtBackend", "OrtDecodeState", "ort_providers"]
+
+_PROVIDER_CHAINS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise GlmTrtError("onnxruntime is not installed; pip install onnxruntime (or 'glmtrt[gpu]' for GPUs)") from None
+    return onnxruntime
+
+
+def ort_providers(provider: str) -> list[str]:
+    """The ONNX Runtime execution providers for a glmtrt provider name, checked against what is installed."""
+    ort = _ort()
+    chain = _PROVIDER_CHAINS[provider]
+    available = set(ort.get_available_providers())
+    if chain[0] not in available:
+        raise GlmTrtError(f"provider {provider!r} needs ONNX Runtime's {chain[0]}, which this onnxruntime "
+                          f"({ort.__version__}, providers: {', '.join(sorted(available))}) lacks; "
+                          "pip install 'glmtrt[gpu]' (onnxruntime-gpu) on a machine with an NVIDIA GPU")
+    return chain
+
+
+class OrtBackend(Backend):
+    """Sessions for the vision, prefill and decode graphs of an engines folder."""
+
+    def __init__(self, manifest: Manifest, folder: Path, provider: str = "cpu", threads: int | None = None,
+                 optimization_level: str = "all"):
+        ort = _ort()
+        self.manifest, self.folder, self.provider = manifest, Path(folder), provider
+        self.name = f"onnxruntime-{provider}"
+        providers = ort_providers(provider)
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                  "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+        options.graph_optimization_level = levels[optimization_level]
+        self.sessions = {}
+        for role, spec in manifest.graphs.items():
+            path = self.folder / spec.file
+            try:
+                session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            except Exception as e:  # onnxruntime raises its own exception types
+                raise ManifestError(f"ONNX Runtime cannot load {str(path)!r} ({type(e).__name__}: "
+                                    f"{str(e).splitlines()[0] if str(e) else ''}); re-export the folder") from None
+            inputs = {i.name for i in session.get_inputs()}
+            outputs = {o.name for o in session.get_outputs()}
+            if inputs != set(spec.input_names()) or outputs != set(spec.output_names()):
+                raise ManifestError(f"{spec.file} has inputs {sorted(inputs)} / outputs {sorted(outputs)}, the manifest "
+                                    f"says {spec.input_names()} / {spec.output_names()}; re-export the folder")
+            self.sessions[role] = session
+        self.device = "cpu" if provider == "cpu" else "cuda"
+        self.input_dtypes = {role: {t.name: np.dtype(t.dtype) for t in spec.inputs}
+                             for role, spec in manifest.graphs.items()}
+        self.kv = KVLayout(manifest)
+
+    def cast_inputs(self, graph: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        dtypes = self.input_dtypes[graph]
+        unknown = set(inputs) - set(dtypes)
+        if unknown:
+            raise ValueError(f"graph {graph!r} has no inputs {sorted(unknown)}")
+        return {k: np.ascontiguousarray(v, dtype=dtypes[k]) for k, v in inputs.items()}
+
+    def run(self, graph: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = self.sessions[graph]
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, self.cast_inputs(graph, inputs))))
+
+    def start_decode(self, batch: int, capacity: int) -> DecodeState:
+        return OrtDecodeState(self, batch, capacity)
+
+    def close(self) -> None:
+        self.sessions.clear()
+
+
+class OrtDecodeState(DecodeState):
+    """Prefill + decode steps with the cache in two preallocated arenas per cache tensor (see module docstring)."""
+
+    def __init__(self, backend: OrtBackend, batch: int, capacity: int):
+        ort = _ort()
+        self.backend, self.batch, self.capacity = backend, int(batch), int(capacity)
+        kv = backend.kv
+        self.kv = kv
+        elements = self.batch * kv.kv_heads * self.capacity * kv.head_dim
+        self.element_type = kv.dtype.type
+        # Two arenas per cache tensor; on a GPU they are device memory owned by OrtValues.
+        self._arenas: list[list[Any]] = []
+        self._pointers: list[list[int]] = []
+        for _ in kv.present:
+            pair, ptrs = [], []
+            for _side in range(2):
+                if backend.device == "cpu":
+                    buf = np.empty(max(elements, 1), dtype=kv.dtype)
+                    ptrs.append(buf.ctypes.data)
+                else:
+                    buf = ort.OrtValue.ortvalue_from_shape_and_type([max(elements, 1)], kv.dtype.type, "cuda", 0)
+                    ptrs.append(buf.data_ptr())
+                pair.append(buf)
+            self._arenas.append(pair)
+            self._pointers.append(ptrs)
+        vocab_spec = {t.name: t for t in backend.manifest.graphs["decode"].outputs}["logits"]
+        vocab = int(backend.manifest.config["text"]["lm_head_size"])
+        self.logits = np.empty((self.batch, vocab), dtype=np.dtype(vocab_spec.dtype))
+        self.length = 0  # cached positions
+        self.side = 0  # arena holding the current cache
+
+    def _bind(self, graph: str, inputs: dict[str, np.ndarray], present_length: int, past_length: int | None):
+        backend = self.backend
+        session = backend.sessions[graph]
+        binding = session.io_binding()
+        for name, array in backend.cast_inputs(graph, inputs).items():
+            binding.bind_cpu_input(name, array)
+        device, write_side = backend.device, 1 - self.side if past_length is not None else 0
+        if past_length is not None:
+            past_shape = list(self.kv.shape(self.batch, past_length))
+            for name, ptrs in zip(self.kv.past, self._pointers):
+                binding.bind_input(name, device, 0, self.element_type, past_shape, ptrs[self.side])
+        present_shape = list(self.kv.shape(self.batch, present_length))
+        for name, ptrs in zip(self.kv.present, self._pointers):
+            binding.bind_output(name, device, 0, self.element_type, present_shape, ptrs[write_side])
+        binding.bind_output("logits", "cpu", 0, self.logits.dtype.type, list(self.logits.shape), self.logits.ctypes.data)
+        session.run_with_iobinding(binding)
+        self.side, self.length = write_side, present_length
+        return self.logits
+
+    def prefill(self, inputs_embeds, position_ids, attention_mask):
+        length = int(inputs_embeds.shape[1])
+        self._check(inputs_embeds, length)
+        return self._bind("prefill", {"inputs_embeds": inputs_embeds, "position_ids": position_ids,
+                                      "attention_mask": attention_mask}, length, None)
+
+    def step(self, inputs_embeds, position_ids, attention_mask):
+        if self.length == 0:
+            raise RuntimeError("decode step before prefill")
+        self._check(inputs_embeds, self.length + 1)
+        return self._bind("decode", {"inputs_embeds": inputs_embeds, "position_ids": position_ids,
+                                     "attention_mask": attention_mask}, self.length + 1, self.length)
+
+    def _check(self, inputs_embeds: np.ndarray, new_length: int) -> None:
+        if inputs_embeds.shape[0] != self.batch:
+            raise ValueError(f"batch {inputs_embeds.shape[0]} != the state's {self.batch}")
+        if new_length > self.capacity:
+            raise ValueError(f"the KV cache would hold {new_length} positions, its capacity is {self.capacity}")
