@@ -208,3 +208,25 @@ def check_engines(folder: str | Path, min_trt: tuple[int, int] = DEFAULT_MIN_TRT
     if problems:
         more = f" (and {len(problems) - 3} more; run `glmtrt lint`)" if len(problems) > 3 else ""
         raise LintError(f"{len(problems)} TensorRT incompatibilities in {folder}: " + "; ".join(problems[:3]) + more)
+
+
+def lint_command(args) -> int:
+    try:
+        min_trt = tuple(int(x) for x in args.min_trt.split("."))[:2]
+    except ValueError:
+        raise GlmTrtError(f"--min-trt takes a version like 10.13, got {args.min_trt!r}") from None
+    total = 0
+    for path in map(Path, args.paths):
+        if path.is_dir():
+            report = {f"{path}/{role}": findings for role, findings in lint_engines(path, min_trt).items()}
+        elif path.is_file():
+            report = {str(path): lint_model(path, min_trt)}
+        else:
+            raise GlmTrtError(f"{str(path)!r} does not exist; pass engines folders or .onnx files")
+        for name, findings in report.items():
+            print(f"{name}: {'ok' if not findings else f'{len(findings)} problem(s)'}")
+            for finding in findings:
+                print(f"  {finding}")
+            total += len(findings)
+    print(f"TensorRT {_version(min_trt)}+: {'no problems' if not total else f'{total} problem(s)'}")
+    return 1 if total else 0

@@ -34,7 +34,9 @@ def add_model_argument(p: argparse.ArgumentParser) -> None:
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny-glm-ocr", help="checkpoint folder or preset (default: %(default)s)")
     p.add_argument("--image", default=None, help="image to read (default: the bundled sample)")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default: %(default)s)")
+    p.add_argument("--engines", default=None, metavar="DIR", help="where to export (default: engines/<model name>)")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="tokens to generate (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=16, help="decode steps the parity check compares (default: %(default)s)")
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,8 +48,16 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-graph lines; print only the result")
 
 
-def add_run_arguments(p: argparse.ArgumentParser) -> None:
+def add_engines_arguments(p: argparse.ArgumentParser) -> None:
+    """The engines folder and how to run it (shared by run, parity, bench)."""
     p.add_argument("--engines", required=True, metavar="DIR", help="engines folder written by `glmtrt export`")
+    p.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default="cpu",
+                   help="ONNX Runtime execution provider (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="ONNX Runtime intra-op threads")
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    add_engines_arguments(p)
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image to put before the prompt (repeat for several)")
     p.add_argument("--prompt", required=True, metavar="TEXT", help="the user's text")
@@ -57,9 +67,6 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, prompt_token_ids, "
                    "stop_reason, timings, thinking, answer")
-    p.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default="cpu",
-                   help="ONNX Runtime execution provider (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="ONNX Runtime intra-op threads")
     p.add_argument("--temperature", type=float, default=None, metavar="T", help="0 = greedy (the default)")
     p.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K likeliest (0 = off)")
     p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling mass (1 = off)")
@@ -69,19 +76,40 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of the engine files")
 
 
+def add_parity_arguments(p: argparse.ArgumentParser) -> None:
+    add_engines_arguments(p)
+    p.add_argument("--model", default=None, metavar="MODEL",
+                   help="checkpoint folder or preset the engines came from (default: the manifest's record)")
+    p.add_argument("--steps", type=int, default=32, metavar="N", help="decode steps compared (default: %(default)s)")
+    p.add_argument("--image", action="append", default=[], metavar="PATH", help="use this image (repeatable) "
+                   "instead of the built-in cases")
+    p.add_argument("--prompt", default=None, metavar="TEXT", help="use this prompt instead of the built-in cases")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
+
+
+def add_lint_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", metavar="PATH", help="engines folders or .onnx files")
+    p.add_argument("--min-trt", default="10.13", metavar="X.Y",
+                   help="oldest TensorRT version the graphs must parse in (default: %(default)s)")
+
+
 def add_presets_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the normalized configs as JSON")
 
 
 # Each subcommand: (help, argument builder, "module:function" run lazily with the parsed args).
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] = {
-    "demo": ("run the reference on the built-in default and print the generated tokens",
-             add_demo_arguments, "glmtrt.reference.demo:demo_command"),
+    "demo": ("the main job on the built-in default: export it, read the sample image with the runtime, check parity",
+             add_demo_arguments, "glmtrt.export.demo:demo_command"),
     "presets": ("list the built-in model presets", add_presets_arguments, "glmtrt.reference.demo:presets_command"),
     "run": ("generate from images and a prompt with an engines folder (torch-free runtime)",
             add_run_arguments, "glmtrt.runtime.pipeline:run_command"),
     "export": ("export a checkpoint or preset to ONNX graphs + manifest (an engines folder)",
                add_export_arguments, "glmtrt.export.cli:export_command"),
+    "parity": ("compare an engines folder with the PyTorch reference, stage by stage",
+               add_parity_arguments, "glmtrt.export.parity:parity_command"),
+    "lint": ("check graphs for TensorRT ONNX-parser compatibility (runs on a CPU)",
+             add_lint_arguments, "glmtrt.export.lint:lint_command"),
 }
 
 

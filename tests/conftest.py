@@ -38,3 +38,10 @@ def exported(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def sample_image():
+    from glmtrt.runtime.cli import sample_image_path
+
+    return sample_image_path()
