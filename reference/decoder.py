@@ -138,13 +138,13 @@ class FusedMLP(nn.Module):
 
 
 class SplitMLP(nn.Module):
-    """SwiGLU with separate gate/up/down projections (GLM-4.5V dense layers and shared expert)."""
+    """SwiGLU with separate gate/up/down projections (GLM-4.5V dense layers and shared expert, vision blocks)."""
 
-    def __init__(self, hidden: int, intermediate: int):
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VisionConfig, VQConfig
-from .decoder import RMSNorm
+from .decoder import RMSNorm, SplitMLP
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -99,26 +99,13 @@ class Glm4vVisionAttention(nn.Module):
         return self.proj(segment_attention(q, k, v, segment_ids, q.shape[-1] ** -0.5))
 
 
-class VisionMLP(nn.Module):
-    """SwiGLU (bias per config) with gate/up/down names."""
-
-    def __init__(self, hidden: int, width: int, bias: bool):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, width, bias=bias)
-        self.up_proj = nn.Linear(hidden, width, bias=bias)
-        self.down_proj = nn.Linear(width, hidden, bias=bias)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class Glm4vVisionBlock(nn.Module):
     def __init__(self, c: VisionConfig):
         super().__init__()
         self.norm1 = RMSNorm(c.hidden_size, c.norm_eps)
         self.norm2 = RMSNorm(c.hidden_size, c.norm_eps)
         self.attn = Glm4vVisionAttention(c)
-        self.mlp = VisionMLP(c.hidden_size, c.block_mlp_width, bias=c.attention_bias)
+        self.mlp = SplitMLP(c.hidden_size, c.block_mlp_width, bias=c.attention_bias)
 
     def forward(self, x, cos, sin, segment_ids):
         x = x + self.attn(self.norm1(x), cos, sin, segment_ids)
