@@ -8,6 +8,7 @@ replaced the same way: the old folder is removed only after the new one is compl
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -22,7 +23,8 @@ from glmtrt.runtime import __version__
 from glmtrt.runtime.errors import ConfigError, GlmTrtError
 from glmtrt.runtime.manifest import MANIFEST_NAME, GraphSpec, Manifest, TensorSpec
 
-PRECISIONS = ("fp32",)
+# fp32 is exported from the reference; the others are plans derived from an fp32 export (glmtrt.export.plans).
+PRECISIONS = ("fp32", "fp16", "int8", "cpu-int8", "cpu-int4")
 EXPORTABLE_FAMILIES = ("glm_ocr", "glm4v", "glm4v_moe")
 EMBEDDINGS_FILE = "embed_tokens.npy"
 _PID_FILE = ".glmtrt-export.pid"  # inside a partial folder while its export runs; removed before the rename
@@ -41,7 +43,9 @@ def export_model(model: str | Path, out: str | Path, *, precision: str = "fp32",
     """Export ``model`` (an HF checkpoint folder or a preset name) to the engines folder ``out``.
 
     Writes vision.onnx, prefill.onnx, decode.onnx, embed_tokens.npy, tokenizer.json / chat_template.jinja when
-    available, and manifest.json. ``precision``: only "fp32" for now. ``opset``: the ONNX opset (default 20).
+    available, and manifest.json. ``precision``: "fp32" (the parity baseline) or a plan derived from it
+    (:data:`glmtrt.export.plans.PLANS`: "fp16", "int8" for TensorRT; "cpu-int8", "cpu-int4" for ONNX Runtime):
+    fp32 is exported to a temporary folder beside ``out`` first. ``opset``: the ONNX opset (default 20).
     ``force``: replace an existing export at ``out``. ``progress``: a progress bar and a summary line per graph.
     Raises GlmTrtError (one line) for a user's mistake. Returns the folder.
     """
@@ -69,18 +73,22 @@ def export_folder(model: str | Path, out: str | Path, *, precision: str = "fp32"
                           f"{', '.join(EXPORTABLE_FAMILIES)}")
     assets = collect_assets(source)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the finished folder gets the usual mode
-        (tmp / _PID_FILE).write_text(str(os.getpid()))
-        result = _write_folder(source, assets, tmp, precision=precision, opset=opset, progress=progress, log=log)
-        (tmp / _PID_FILE).unlink()
-        _move_into_place(tmp, out, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    if precision != "fp32":  # a plan: the fp32 export in a hidden folder beside ``out``, then derived from it
+        from .plans import derive_plan
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(out)
+        base = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-fp32-", dir=out.parent))  # stale ones are removed
+        try:
+            (base / _PID_FILE).write_text(str(os.getpid()))
+            with atomic_folder(base / "fp32", force=False) as tmp:
+                result = _write_folder(source, assets, tmp, precision="fp32", opset=opset, progress=progress, log=log)
+            derive_plan(base / "fp32", out, precision, force=force, log=log)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+    else:
+        with atomic_folder(out, force) as tmp:
+            result = _write_folder(source, assets, tmp, precision=precision, opset=opset, progress=progress, log=log)
     result.folder = out
     result.seconds = time.perf_counter() - start
     return result
@@ -102,8 +110,10 @@ def _write_folder(source, assets, folder: Path, *, precision: str, opset: int, p
             f"{'random (preset)' if source.is_preset else 'loaded'}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
     result = ExportResult(folder=folder, family=source.config.model_type)
     graphs: dict[str, GraphSpec] = {}
+    kv_cache = None
     with _quiet_exporter_logs():
         for graph in graph_definitions(model):
+            kv_cache = graph.kv_cache or kv_cache
             r = export_graph(graph, folder, opset=opset, progress=progress)
             result.graphs.append(r)
             spec = graph.interface()
@@ -139,6 +149,8 @@ def _write_folder(source, assets, folder: Path, *, precision: str, opset: int, p
             # for a single grid row (one image or one video frame per call).
             "vision": {"one_image_per_call": True, "kind": v.kind, "head_dim": v.head_dim, "rope_theta": v.rope_theta,
                        "merge_size": v.spatial_merge_size, "table_side": v.pos_table_side},
+            # The decode graph's cache contract (glmtrt.export.graphs.KV_CACHE); absent: the earlier "concat" one.
+            **({"kv_cache": kv_cache} if kv_cache else {}),
             "exporter": _exporter_versions(),
             "export_seconds": {r.name: round(r.seconds, 2) for r in result.graphs},
         },
@@ -171,6 +183,34 @@ def _check_target(out: Path, force: bool) -> None:
     if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
         raise GlmTrtError(f"{str(out)!r} is not empty and has no {MANIFEST_NAME}, so it is not a glmtrt export; "
                           "refusing to replace it even with --force; choose another --out")
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path, force: bool):
+    """Yield a hidden partial folder beside ``out`` (``.NAME.partial-XXXX``, holding this process's pid while it is
+    written); when the block finishes, move it into place at ``out`` (an existing glmtrt folder there is replaced
+    only with ``force``, and only then). On any error or interrupt the partial folder is removed; a full disk
+    (ENOSPC, EDQUOT) becomes one GlmTrtError line."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the finished folder gets the usual mode
+        (tmp / _PID_FILE).write_text(str(os.getpid()))
+        yield tmp
+        (tmp / _PID_FILE).unlink()
+        _move_into_place(tmp, out, force)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            raise GlmTrtError(f"the disk is full ({os.strerror(e.errno)}) while writing {str(out)!r}; the partial "
+                              "export was removed and nothing was replaced: free some space or choose another --out") \
+                from e
+        raise
+
+
+_DISK_FULL = tuple(code for code in (getattr(errno, "ENOSPC", None), getattr(errno, "EDQUOT", None)) if code)
 
 
 def _move_into_place(tmp: Path, out: Path, force: bool) -> None:

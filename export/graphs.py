@@ -1,16 +1,24 @@
 """The three exported graphs as thin wrappers around the reference model's stages.
 
 Each :class:`GraphDef` fixes a graph's input and output names, their contract shapes (symbolic dims named
-``batch``, ``seq``, ``past``, ``total``, ``num_patches``, ``num_tokens``) and dtypes, plus the example inputs
-and ``torch.export`` dynamic shapes used to trace it. The wrappers add no computation of their own: they
-call :meth:`GlmModel.vision`'s tower, :meth:`GlmModel.prefill` and :meth:`GlmModel.decode_step` and flatten
-the K/V lists into named outputs, so each graph computes exactly the reference stage it replaces.
+``batch``, ``seq``, ``capacity``, ``num_patches``, ``num_tokens``) and dtypes, plus the example inputs and
+``torch.export`` dynamic shapes used to trace it. The vision and prefill wrappers add no computation of their
+own: they call :meth:`GlmModel.vision`'s tower and :meth:`GlmModel.prefill` and flatten the K/V lists into
+named outputs, so each graph computes exactly the reference stage it replaces.
 
 * ``vision``  one image (or one video frame) per call: no cross-image attention mask.
 * ``prefill`` ``inputs_embeds``, ``position_ids`` (3, B, S), ``attention_mask`` (B, S) -> last-position
   ``logits`` and ``present.{i}.key|value``.
-* ``decode``  one token per sample with ``past_key_values.{i}.key|value`` -> ``logits`` and the whole
-  present cache (total = past + 1).
+* ``decode``  one token per sample over a fixed-capacity cache: ``past_key_values.{i}.key|value``
+  (batch, kv_heads, capacity, head_dim) are the runtime's own preallocated buffers and ``attention_mask``
+  (batch, capacity) marks their valid slots; the outputs are ``logits`` and only the new token's
+  ``present.{i}.key|value`` (batch, kv_heads, 1, head_dim), which the runtime writes into slot P (the past
+  length) of its buffers. See :class:`DecodeGraph` for why, and ``KV_CACHE`` for the manifest record.
+
+The decode graph is the one wrapper with its own formulation: the reference's eager attention concatenates
+the new key onto the cache and repeats K/V across query groups, which in a graph is a full copy of the cache
+per step. :func:`split_softmax_attention` computes the same softmax without either (proven equal to the
+reference within 1e-4 by the parity tests).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from glmtrt.reference.decoder import apply_rotary, mrope_cos_sin
 from glmtrt.reference.model import GlmModel
 
 Shape = list  # list[int | str]: ints are static dims, strings are symbolic dim names
@@ -40,6 +49,7 @@ class GraphDef:
     output_dtypes: list[str]
     example_args: tuple
     dynamic_shapes: tuple
+    kv_cache: dict | None = None  # the decode graph's cache contract, recorded as the manifest's extra.kv_cache
 
     @property
     def file(self) -> str:
@@ -94,7 +104,101 @@ class PrefillGraph(nn.Module):
         return _flatten(*self.model.prefill(inputs_embeds, position_ids, attention_mask))
 
 
+# The manifest record of the decode graph's cache contract (``extra.kv_cache``); folders without it predate it
+# and use the "concat" contract (past (batch, kv_heads, past, head_dim) in, the whole grown cache out).
+KV_CACHE = {
+    "mode": "fixed-capacity",
+    "capacity_dim": "capacity",
+    "past": "past_key_values.{i}.key|value (batch, kv_heads, capacity, head_dim): the runtime's buffers",
+    "attention_mask": "(batch, capacity): 1 for a valid past slot, 0 for padding and unwritten slots",
+    "present": "present.{i}.key|value (batch, kv_heads, 1, head_dim): the new token only; the runtime writes it "
+               "into slot P (the past length, shared by all rows) before the next step",
+    "unwritten_slots": "must hold finite values (zeros): they are masked, but 0 * NaN would still poison the sum",
+}
+
+
+def split_softmax_attention(q, k_new, v_new, past_key, past_value, valid, scale: float) -> torch.Tensor:
+    """One query per row over a cache plus the new key, without concatenating the cache or repeating K/V.
+
+    q: (B, kv_heads, groups, D) (query head h = kv_head * groups + group, the reference's repeat_interleave
+    order); k_new, v_new: (B, kv_heads, 1, D); past_key, past_value: (B, kv_heads, C, D); valid: bool
+    broadcastable to (B, 1, 1, C). The scores against the cache (masked like the reference, with finfo.min)
+    and against the new key are concatenated (C + 1 per query head: tiny), scaled, softmax in fp32 and cast
+    back as in the reference, then the weighted sum reads V once: ``probs[:C] @ V + probs[C] * v_new``.
+    Returns (B, 1, heads * D).
+
+    Shaped for ONNX Runtime's CPU kernels (measured; see export/bench.py): each query head is its own
+    one-row product against its KV head's cache, (B, kv_heads, groups, 1, D) x (B, kv_heads, 1, D, C), the cache
+    broadcast over the groups, not copied; one-row products take MLAS' GEMV path, several times faster than a
+    (groups x D) block at long context. The scale multiplies after the mask (as in the reference, scores are
+    ``(q k) * scale`` for valid slots), not on a MatMul's input or output, where ONNX Runtime would fold it
+    into the product's alpha, which leaves that GEMV path.
+    """
+    b, kv_heads, groups, d = q.shape
+    q = q.unsqueeze(3)  # (B, KVH, G, 1, D)
+    scores = torch.matmul(q, past_key.unsqueeze(2).transpose(-1, -2))  # (B, KVH, G, 1, C): reads K once
+    scores = torch.where(valid.unsqueeze(2), scores, torch.finfo(scores.dtype).min)
+    own = torch.matmul(q, k_new.unsqueeze(2).transpose(-1, -2))  # (B, KVH, G, 1, 1)
+    scores = torch.cat([scores, own], dim=-1) * scale
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(probs[..., :-1], past_value.unsqueeze(2))  # (B, KVH, G, 1, D): reads V once
+    out = out + probs[..., -1:] * v_new.unsqueeze(2)
+    return out.reshape(b, 1, kv_heads * groups * d)
+
+
+def _decode_attention(attn, x, cos, sin, valid, past_key, past_value):
+    """``TextAttention.forward`` for one token over a fixed-capacity cache: same projections and rotary."""
+    c = attn.config
+    b = x.shape[0]
+    groups = c.num_heads // c.num_kv_heads
+    # With one token, (B, 1, heads * D) views directly as (B, kv_heads, groups, D); cos/sin (B, 1, r) broadcast
+    # as (B, 1, 1, r) exactly as over the reference's (B, heads, 1, D).
+    q = apply_rotary(attn.q_proj(x).view(b, c.num_kv_heads, groups, c.head_dim), cos, sin, c.rope_interleaved)
+    k = apply_rotary(attn.k_proj(x).view(b, c.num_kv_heads, 1, c.head_dim), cos, sin, c.rope_interleaved)
+    v = attn.v_proj(x).view(b, c.num_kv_heads, 1, c.head_dim)
+    out = split_softmax_attention(q, k, v, past_key, past_value, valid, c.head_dim**-0.5)
+    return attn.o_proj(out), k, v
+
+
 class DecodeGraph(nn.Module):
+    """One decode step over a fixed-capacity cache (see ``KV_CACHE``): the reference's ``decode_step`` with
+    :func:`split_softmax_attention` in place of concat + eager attention; every other module is the reference's.
+
+    Why: with a concat contract each step copies the whole cache (the concat, the GQA repeat, the output
+    present), which at 1k+ context costs more than streaming the weights; here the cache is only read, once
+    for K and once for V, and the host writes one slot per step. The step's cost follows the capacity the
+    runtime allocates (prompt + new tokens), not a global maximum.
+    """
+
+    def __init__(self, model: GlmModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs_embeds, position_ids, attention_mask, past_key_values: list[torch.Tensor]):
+        text = self.model.model.language_model
+        cos, sin = mrope_cos_sin(text.config, position_ids, inputs_embeds.dtype)
+        valid = attention_mask.bool()[:, None, None, :]
+        x = inputs_embeds
+        keys, values = [], []
+        for i, layer in enumerate(text.layers):  # DecoderLayer.forward with the attention above
+            attn, key, value = _decode_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, valid,
+                                                 past_key_values[2 * i], past_key_values[2 * i + 1])
+            if layer.sandwich:
+                attn = layer.post_self_attn_layernorm(attn)
+            x = x + attn
+            mlp = layer.mlp(layer.post_attention_layernorm(x))
+            if layer.sandwich:
+                mlp = layer.post_mlp_layernorm(mlp)
+            x = x + mlp
+            keys.append(key)
+            values.append(value)
+        return _flatten(self.model.lm_head(text.norm(x)[:, -1]), keys, values)
+
+
+class ConcatDecodeGraph(nn.Module):
+    """The earlier decode contract (past in, the whole grown cache out): kept to export folders of that kind
+    for the runtime's compatibility tests and for comparison; new exports use :class:`DecodeGraph`."""
+
     def __init__(self, model: GlmModel):
         super().__init__()
         self.model = model
@@ -106,7 +210,7 @@ class DecodeGraph(nn.Module):
 
 # Example sizes for tracing: none is 0 or 1 (torch.export specializes those), all distinct so no two dims
 # are mistaken for one another.
-_EXAMPLE_BATCH, _EXAMPLE_SEQ, _EXAMPLE_PAST = 2, 7, 5
+_EXAMPLE_BATCH, _EXAMPLE_SEQ, _EXAMPLE_PAST, _EXAMPLE_CAPACITY = 2, 7, 5, 11
 _EXAMPLE_BLOCKS = (2, 3)  # merge blocks down x across of the traced image (6 image tokens)
 
 
@@ -175,7 +279,40 @@ def prefill_graph(model: GlmModel) -> GraphDef:
     )
 
 
-def decode_graph(model: GlmModel) -> GraphDef:
+def decode_graph(model: GlmModel, kv_cache: str = "fixed-capacity") -> GraphDef:
+    """The decode graph: ``kv_cache`` "fixed-capacity" (the contract of ``KV_CACHE``) or "concat" (the earlier one)."""
+    if kv_cache == "concat":
+        return _concat_decode_graph(model)
+    if kv_cache != KV_CACHE["mode"]:
+        raise ValueError(f"unknown kv_cache {kv_cache!r}")
+    t = model.config.text
+    names = ["inputs_embeds", "position_ids", "attention_mask"]
+    shapes: list[Shape] = [["batch", 1, t.hidden_size], [3, "batch", 1], ["batch", "capacity"]]
+    past_names = kv_names("past_key_values", t.num_layers)
+    outputs = ["logits"] + kv_names("present", t.num_layers)
+    batch, capacity = torch.export.Dim("batch", min=1), torch.export.Dim("capacity", min=1)
+    embeds, positions, _ = _example_text_args(model, 1, _EXAMPLE_PAST)
+    mask = torch.zeros(_EXAMPLE_BATCH, _EXAMPLE_CAPACITY, dtype=torch.int64)
+    mask[:, :_EXAMPLE_PAST] = 1
+    mask[0, :2] = 0  # left padding in the first sample; slots from _EXAMPLE_PAST on are unwritten
+    gen = torch.Generator().manual_seed(1)
+    past_args = [torch.randn(_EXAMPLE_BATCH, t.num_kv_heads, _EXAMPLE_CAPACITY, t.head_dim, generator=gen)
+                 for _ in past_names]
+    return GraphDef(
+        name="decode", module=DecodeGraph(model),
+        input_names=names + past_names,
+        input_shapes=shapes + [["batch", t.num_kv_heads, "capacity", t.head_dim]] * len(past_names),
+        input_dtypes=["float32", "int64", "int64"] + ["float32"] * len(past_names),
+        output_names=outputs,
+        output_shapes=[["batch", t.lm_head_size]] + [["batch", t.num_kv_heads, 1, t.head_dim]] * len(past_names),
+        output_dtypes=["float32"] * len(outputs),
+        example_args=(embeds, positions, mask, past_args),
+        dynamic_shapes=({0: batch}, {1: batch}, {0: batch, 1: capacity}, [{0: batch, 2: capacity}] * len(past_names)),
+        kv_cache=dict(KV_CACHE),
+    )
+
+
+def _concat_decode_graph(model: GlmModel) -> GraphDef:
     t = model.config.text
     names, shapes, outputs, output_shapes = _text_io(model, 1, "total")
     past_names = kv_names("past_key_values", t.num_layers)
@@ -185,7 +322,7 @@ def decode_graph(model: GlmModel) -> GraphDef:
     past_args = [torch.randn(_EXAMPLE_BATCH, t.num_kv_heads, _EXAMPLE_PAST, t.head_dim, generator=gen)
                  for _ in past_names]
     return GraphDef(
-        name="decode", module=DecodeGraph(model),
+        name="decode", module=ConcatDecodeGraph(model),
         input_names=names + past_names, input_shapes=shapes + [past_shape] * len(past_names),
         input_dtypes=["float32", "int64", "int64"] + ["float32"] * len(past_names),
         output_names=outputs, output_shapes=output_shapes, output_dtypes=["float32"] * len(outputs),
@@ -194,6 +331,6 @@ def decode_graph(model: GlmModel) -> GraphDef:
     )
 
 
-def graph_definitions(model: GlmModel) -> list[GraphDef]:
+def graph_definitions(model: GlmModel, kv_cache: str = "fixed-capacity") -> list[GraphDef]:
     """The graphs of a GLM-4V-family model, in export order: vision, prefill, decode."""
-    return [vision_graph(model), prefill_graph(model), decode_graph(model)]
+    return [vision_graph(model), prefill_graph(model), decode_graph(model, kv_cache)]

@@ -1,9 +1,12 @@
 """``glmtrt parity``: walk the same road through the reference and through an engines folder, stage by stage.
 
 For each case (an image set and a prompt): each vision call's embeddings, the prefill logits and KV cache,
-teacher-forced decode steps (both roads fed the reference's greedy tokens: top-1 agreement and logit error),
-and free-running greedy generation (the runtime's tokens against the reference's). Prints a table and
-writes it as JSON. Needs torch (the reference); the runtime side is the torch-free Pipeline.
+teacher-forced decode steps (both roads fed the reference's greedy tokens: top-1 agreement, logit error and
+KL(reference || graphs)), and free-running greedy generation (the runtime's tokens against the reference's).
+Prints a table and writes it as JSON. Needs torch (the reference); the runtime side is the torch-free Pipeline.
+
+The same machinery reports every precision plan (``glmtrt accuracy``, :mod:`glmtrt.export.accuracy`): the fp32
+reference is always the other road, and :data:`BOUNDS` says what each precision must meet.
 """
 
 from __future__ import annotations
@@ -18,8 +21,18 @@ import numpy as np
 
 from glmtrt.runtime.errors import GlmTrtError
 
-# Bounds a plan must meet to pass, per precision (fp32: the graphs are the reference's own computation).
-BOUNDS = {"fp32": {"max_abs": 1e-4, "top1": 1.0, "greedy_identical": True}}
+# Bounds a plan must meet to pass, per precision. fp32: the graphs are the reference's own computation, so logits
+# agree to 1e-4 and greedy tokens are identical. The plans are held to accuracy, not identity, over the teacher-forced
+# steps of all cases together: top-1 agreement (the issues' gates on the trained OCR model: fp16 >= 99 %, int8 >= 97 %,
+# the best CPU plan >= 98 %), mean KL(reference || plan) in nats, the worst vision-embedding and prefill-logit cosine.
+# They are the gates for real checkpoints; tests/test_plans.py asserts tighter ones measured on the tiny presets.
+BOUNDS: dict[str, dict[str, Any]] = {
+    "fp32": {"max_abs": 1e-4, "top1": 1.0, "greedy_identical": True},
+    "fp16": {"top1": 0.99, "mean_kl": 1e-3, "vision_cosine": 0.999, "prefill_cosine": 0.999, "greedy_identical": False},
+    "int8": {"top1": 0.97, "mean_kl": 2e-2, "vision_cosine": 0.99, "prefill_cosine": 0.99, "greedy_identical": False},
+    "cpu-int8": {"top1": 0.98, "mean_kl": 1e-2, "vision_cosine": 0.99, "prefill_cosine": 0.99, "greedy_identical": False},
+    "cpu-int4": {"top1": 0.95, "mean_kl": 5e-2, "vision_cosine": 0.99, "prefill_cosine": 0.98, "greedy_identical": False},
+}
 
 
 @dataclass
@@ -44,6 +57,10 @@ class CaseReport:
     greedy_tokens: int
     greedy_match_prefix: int
     greedy_identical: bool
+    teacher_forced_agree: int = 0  # steps whose top-1 equals the reference's (top1 = agree / steps)
+    teacher_forced_mean_kl: float = 0.0  # mean over steps of KL(reference || graphs), nats
+    teacher_forced_max_kl: float = 0.0
+    greedy_agreement: float = 1.0  # fraction of free-running positions with the reference's token
 
 
 def builtin_cases() -> list[ParityCase]:
@@ -62,6 +79,35 @@ def builtin_cases() -> list[ParityCase]:
     ]
 
 
+def kl_divergence(ref_logits: np.ndarray, logits: np.ndarray) -> float:
+    """KL(softmax(ref) || softmax(logits)) in nats, in float64 (one row or the mean over rows)."""
+    a = np.asarray(ref_logits, np.float64).reshape(-1, np.shape(ref_logits)[-1])
+    b = np.asarray(logits, np.float64).reshape(a.shape)
+    log_p = a - a.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    log_q = b - b.max(-1, keepdims=True)
+    log_q -= np.log(np.exp(log_q).sum(-1, keepdims=True))
+    return float(max(0.0, (np.exp(log_p) * (log_p - log_q)).sum(-1).mean()))
+
+
+def case_prompt_ids(pipe, case: ParityCase, vision_inputs) -> list[int]:
+    """The case's prompt ids: the folder's chat format, or (a folder without a tokenizer, e.g. a real-size preset
+    with random weights) the GLM image layout with deterministic pseudo-text ids standing for the prompt."""
+    if pipe.chat is not None:
+        return pipe.prompt_ids(case.prompt, case.images, vision_inputs=vision_inputs)
+    from glmtrt.runtime.preprocess import num_image_tokens
+
+    host = pipe.host
+    special = set(pipe.manifest.special_tokens.values()) | set(pipe.manifest.eos_token_ids)
+    special |= {host.image_token_id, host.image_start_token_id, host.image_end_token_id}
+    vocab = [i for i in range(min(pipe.vocab, pipe.embed_table.shape[0])) if i not in special]
+    ids: list[int] = []
+    for grid in ([] if vision_inputs is None else vision_inputs.grid_thw):
+        ids += [host.image_start_token_id] + [host.image_token_id] * num_image_tokens(grid, host.spatial_merge_size)
+        ids += [host.image_end_token_id]
+    return ids + [vocab[(ord(ch) * 7919 + i) % len(vocab)] for i, ch in enumerate(case.prompt)]
+
+
 def _stats(ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     a, b = np.asarray(ours, np.float64).ravel(), np.asarray(ref, np.float64).ravel()
     denom = np.linalg.norm(a) * np.linalg.norm(b)
@@ -74,7 +120,7 @@ def _case_report(pipe, model, case: ParityCase, steps: int) -> CaseReport:
     from glmtrt.reference.generate import PromptBatch, greedy_generate, host_plan, prepare_prefill
 
     vision_inputs = pipe.preprocess(case.images)
-    ids = pipe.prompt_ids(case.prompt, case.images, vision_inputs=vision_inputs)
+    ids = case_prompt_ids(pipe, case, vision_inputs)
     batch = PromptBatch(input_ids=np.array([ids]),
                         pixel_values=None if vision_inputs is None else vision_inputs.pixel_values,
                         image_grid_thw=None if vision_inputs is None else vision_inputs.grid_thw)
@@ -105,25 +151,26 @@ def _case_report(pipe, model, case: ParityCase, steps: int) -> CaseReport:
                  for i, t in enumerate(ts)}
     cache_err = max(_stats(graph_prefill[name], ref)[0] for name, ref in ref_cache.items())
 
-    # Teacher-forced decode: both roads fed the reference's greedy tokens, each keeping its own cache.
+    # Teacher-forced decode: both roads fed the reference's greedy tokens, each keeping its own cache (the graphs'
+    # in the backend's decode state, whatever the folder's cache contract, as generation drives it).
     reference_tokens = greedy_generate(model, batch, steps + 1)[0]
-    graph_cache = {k.replace("present.", "past_key_values.", 1): v for k, v in graph_prefill.items() if k != "logits"}
-    agree, worst = 0, 0.0
+    state = backend.start_decode(1, len(ids) + steps)
+    state.prefill(feed["inputs_embeds"], positions, mask)
+    agree, worst, kls = 0, 0.0, []
     step_mask = mask
     for step in range(steps):
         token = reference_tokens[step:step + 1][None]
         step_mask = np.concatenate([step_mask, np.ones((1, 1), np.int64)], axis=1)
         step_positions = decode_positions(step)
         step_embeds = model.embed(torch.from_numpy(token))
-        out = backend.run("decode", {"inputs_embeds": step_embeds.float().numpy(), "position_ids": step_positions,
-                                     "attention_mask": step_mask, **graph_cache})
-        graph_cache = {k.replace("present.", "past_key_values.", 1): v for k, v in out.items() if k != "logits"}
+        graph_logits = np.array(state.step(step_embeds.float().numpy(), step_positions, step_mask))
         with torch.no_grad():
             ref_logits, ref_keys, ref_values = model.decode_step(step_embeds, torch.from_numpy(step_positions),
                                                                  torch.from_numpy(step_mask), ref_keys, ref_values)
         ref_np = ref_logits.float().numpy()
-        agree += int(out["logits"].argmax(-1)[0] == ref_np.argmax(-1)[0])
-        worst = max(worst, _stats(out["logits"], ref_np)[0])
+        agree += int(graph_logits.argmax(-1)[0] == ref_np.argmax(-1)[0])
+        worst = max(worst, _stats(graph_logits, ref_np)[0])
+        kls.append(kl_divergence(ref_np, graph_logits))
 
     # Free-running greedy: the torch-free runtime against the reference.
     result = pipe.generate_ids(np.array(ids), batch.pixel_values, batch.image_grid_thw, max_new_tokens=steps,
@@ -136,12 +183,74 @@ def _case_report(pipe, model, case: ParityCase, steps: int) -> CaseReport:
         prefill_logits_max_abs=logit_err, prefill_logits_cosine=logit_cos, prefill_cache_max_abs=cache_err,
         teacher_forced_steps=steps, teacher_forced_top1=agree / steps if steps else 1.0,
         teacher_forced_max_logit_error=worst, greedy_tokens=steps, greedy_match_prefix=prefix,
-        greedy_identical=prefix == steps,
+        greedy_identical=prefix == steps, teacher_forced_agree=agree,
+        teacher_forced_mean_kl=float(np.mean(kls)) if kls else 0.0, teacher_forced_max_kl=max(kls, default=0.0),
+        greedy_agreement=float((ours[:len(ref)] == ref[:len(ours)]).mean()) if len(ref) else 1.0,
     )
 
 
+def summarize(cases: list[dict[str, Any]]) -> dict[str, Any]:
+    """The cases of a report taken together: teacher-forced figures accumulated over all steps of all cases,
+    worst-case vision / prefill figures, free-running greedy tokens matched."""
+    steps = sum(c["teacher_forced_steps"] for c in cases)
+    vision = [c for c in cases if c["vision_cosine"] is not None]
+    tokens = sum(c["greedy_tokens"] for c in cases)
+    return {
+        "cases": len(cases),
+        "vision_cosine_min": min((c["vision_cosine"] for c in vision), default=None),
+        "vision_max_abs": max((c["vision_max_abs"] for c in vision), default=None),
+        "prefill_logits_cosine_min": min(c["prefill_logits_cosine"] for c in cases),
+        "prefill_logits_max_abs": max(c["prefill_logits_max_abs"] for c in cases),
+        "prefill_cache_max_abs": max(c["prefill_cache_max_abs"] for c in cases),
+        "teacher_forced_steps": steps,
+        "teacher_forced_top1": sum(c.get("teacher_forced_agree", round(c["teacher_forced_top1"] * c["teacher_forced_steps"]))
+                                   for c in cases) / steps if steps else 1.0,
+        "teacher_forced_mean_kl": sum(c.get("teacher_forced_mean_kl", 0.0) * c["teacher_forced_steps"] for c in cases)
+        / steps if steps else 0.0,
+        "teacher_forced_max_kl": max(c.get("teacher_forced_max_kl", 0.0) for c in cases),
+        "teacher_forced_max_logit_error": max(c["teacher_forced_max_logit_error"] for c in cases),
+        "greedy_tokens": tokens,
+        "greedy_match_prefix": sum(c["greedy_match_prefix"] for c in cases),
+        "greedy_identical_cases": sum(bool(c["greedy_identical"]) for c in cases),
+        "greedy_agreement": sum(c.get("greedy_agreement", 1.0) * c["greedy_tokens"] for c in cases) / tokens if tokens else 1.0,
+    }
+
+
+def check_bounds(precision: str, cases: list[dict[str, Any]], random_weights: bool = False) -> tuple[dict[str, Any], bool]:
+    """The bounds of ``precision`` (:data:`BOUNDS`) and whether the cases meet them. fp32 (and an unknown precision)
+    is checked per case and to the last token; a plan on the figures of :func:`summarize`. With ``random_weights``
+    a plan's top-1 is not gated: random weights give near-uniform next-token distributions (logit std ~0.1 on the
+    tiny presets) whose near-ties flip under any rounding; KL and the cosines still are."""
+    bounds = dict(BOUNDS.get(precision, BOUNDS["fp32"]))
+    if random_weights and "max_abs" not in bounds:
+        bounds["top1"] = 0.0
+        bounds["note"] = "top-1 not gated: random weights (near-uniform distributions, ties flip)"
+    if "max_abs" in bounds:
+        passed = all(
+            max(c["vision_max_abs"] or 0.0, c["prefill_logits_max_abs"], c["prefill_cache_max_abs"],
+                c["teacher_forced_max_logit_error"]) <= bounds["max_abs"]
+            and c["teacher_forced_top1"] >= bounds["top1"] and (c["greedy_identical"] or not bounds["greedy_identical"])
+            for c in cases)
+        return bounds, passed
+    total = summarize(cases)
+    passed = (total["teacher_forced_top1"] >= bounds["top1"] and total["teacher_forced_mean_kl"] <= bounds["mean_kl"]
+              and (total["vision_cosine_min"] is None or total["vision_cosine_min"] >= bounds["vision_cosine"])
+              and total["prefill_logits_cosine_min"] >= bounds["prefill_cosine"])
+    return bounds, passed
+
+
+def describe_bounds(bounds: dict[str, Any]) -> str:
+    if "max_abs" in bounds:
+        return (f"max abs <= {bounds['max_abs']:g}, teacher-forced top-1 >= {bounds['top1']:.0%}"
+                f"{', greedy identical' if bounds['greedy_identical'] else ''}")
+    return (f"over all steps: teacher-forced top-1 >= {bounds['top1']:.0%}, mean KL <= {bounds['mean_kl']:g}; "
+            f"vision cos >= {bounds['vision_cosine']:g}, prefill cos >= {bounds['prefill_cosine']:g}"
+            + (f" ({bounds['note']})" if bounds.get("note") else ""))
+
+
 def run_parity(engines: str | Path, model: str | Path | None = None, cases: list[ParityCase] | None = None,
-               steps: int = 32, provider: str = "cpu", threads: int | None = None) -> dict[str, Any]:
+               steps: int = 32, provider: str = "cpu", threads: int | None = None,
+               backend: str = "onnxruntime") -> dict[str, Any]:
     """Compare an engines folder with the reference on ``cases`` (default: :func:`builtin_cases`).
 
     model: the checkpoint folder or preset the folder was exported from (default: the manifest's record).
@@ -152,7 +261,7 @@ def run_parity(engines: str | Path, model: str | Path | None = None, cases: list
 
     if steps < 1:
         raise GlmTrtError(f"--steps must be at least 1, got {steps}")
-    pipe = Pipeline.from_engines(engines, provider=provider, threads=threads)
+    pipe = Pipeline.from_engines(engines, provider="trt" if backend == "trt" else provider, threads=threads)
     source = model if model is not None else pipe.manifest.extra.get("source")
     if source is None:
         raise GlmTrtError(f"{str(engines)!r} does not record what it was exported from; pass --model")
@@ -162,14 +271,10 @@ def run_parity(engines: str | Path, model: str | Path | None = None, cases: list
                           "exported from with --model")
     reports = [_case_report(pipe, reference, case, steps) for case in (cases or builtin_cases())]
     precision = pipe.manifest.precision
-    bounds = BOUNDS.get(precision, BOUNDS["fp32"])
-    passed = all(
-        max(r.vision_max_abs or 0.0, r.prefill_logits_max_abs, r.prefill_cache_max_abs,
-            r.teacher_forced_max_logit_error) <= bounds["max_abs"]
-        and r.teacher_forced_top1 >= bounds["top1"] and (r.greedy_identical or not bounds["greedy_identical"])
-        for r in reports)
+    cases_out = [asdict(r) for r in reports]
+    bounds, passed = check_bounds(precision, cases_out, bool(pipe.manifest.extra.get("random_weights")))
     return {"engines": str(engines), "model": str(source), "precision": precision, "backend": pipe.backend.name,
-            "bounds": bounds, "passed": passed, "cases": [asdict(r) for r in reports]}
+            "bounds": bounds, "passed": passed, "cases": cases_out}
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -180,17 +285,17 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [f"parity: {report['engines']} ({report['precision']}, {report['backend']}) vs reference {report['model']}",
              "",
              "| case | prompt tok | vision max abs | vision cos | prefill logits max abs | prefill cos | KV max abs "
-             "| TF top-1 | TF max logit err | greedy match |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| TF top-1 | TF max logit err | TF mean KL | greedy match |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in report["cases"]:
         lines.append(
             f"| {c['name']} | {c['prompt_tokens']} | {num(c['vision_max_abs'])} | {num(c['vision_cosine'], '.6f')} "
             f"| {num(c['prefill_logits_max_abs'])} | {num(c['prefill_logits_cosine'], '.6f')} | {num(c['prefill_cache_max_abs'])} "
             f"| {c['teacher_forced_top1']:.1%} ({c['teacher_forced_steps']} steps) | {num(c['teacher_forced_max_logit_error'])} "
+            f"| {num(c.get('teacher_forced_mean_kl'))} "
             f"| {c['greedy_match_prefix']}/{c['greedy_tokens']}{' identical' if c['greedy_identical'] else ''} |")
-    bounds = report["bounds"]
-    lines += ["", f"bounds: max abs <= {bounds['max_abs']:g}, teacher-forced top-1 >= {bounds['top1']:.0%}"
-                  f"{', greedy identical' if bounds['greedy_identical'] else ''} -> {'PASSED' if report['passed'] else 'FAILED'}"]
+    lines += ["", f"bounds ({report['precision']}): {describe_bounds(report['bounds'])} "
+                  f"-> {'PASSED' if report['passed'] else 'FAILED'}"]
     return "\n".join(lines)
 
 
@@ -201,7 +306,8 @@ def parity_command(args) -> int:
         for image in args.image or []:
             if not Path(image).is_file():
                 raise GlmTrtError(f"image {image!r} does not exist; pass an existing image file")
-    report = run_parity(args.engines, args.model, cases, steps=args.steps, provider=args.provider, threads=args.threads)
+    report = run_parity(args.engines, args.model, cases, steps=args.steps, provider=args.provider, threads=args.threads,
+                        backend=getattr(args, "backend", "onnxruntime"))
     print(format_table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

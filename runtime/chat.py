@@ -52,8 +52,7 @@ class ChatFormat:
     # ------------------------------------------------------------------ encoding
     def encode_text(self, text: str) -> list[int]:
         """Plain text -> ids; special-token strings in ``text`` are tokenized as ordinary characters."""
-        if not isinstance(text, str):
-            raise InputError(f"prompt text must be a str, got {type(text).__name__}")
+        _check_text("prompt text", text)
         if not text:
             return []
         return list(self._plain.encode(text, add_special_tokens=False).ids)
@@ -67,6 +66,9 @@ class ChatFormat:
     def prompt_ids(self, text: str, image_token_counts: Sequence[int] = (), system: str | None = None) -> list[int]:
         """The ids of one user turn with ``len(image_token_counts)`` images (each ``n`` placeholder tokens)
         before ``text``, ending with ``<|assistant|>\\n`` (the model's turn)."""
+        _check_text("prompt", text)
+        if system is not None:
+            _check_text("system prompt", system)
         parts: list[str | int] = [self._special("[gMASK]"), self._special("<sop>")]
         if system is not None:
             parts += [self._special("<|system|>"), "\n" + system]
@@ -93,6 +95,21 @@ class ChatFormat:
     def decode(self, ids: Sequence[int]) -> str:
         """Ids -> text, special tokens kept (``<think>`` etc. carry meaning; EOS ids are cut off by the caller)."""
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def _check_text(what: str, text) -> None:
+    """User text must be a str of valid Unicode (no lone surrogates, which is what invalid UTF-8 bytes become when
+    decoded with ``surrogateescape``, e.g. in ``sys.argv``); raises InputError saying what to pass instead."""
+    if isinstance(text, (bytes, bytearray)):
+        raise InputError(f"the {what} must be a str, got {type(text).__name__}; decode it first, e.g. "
+                         "data.decode('utf-8')")
+    if not isinstance(text, str):
+        raise InputError(f"the {what} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"the {what} is not valid UTF-8 text (an undecodable byte or lone surrogate at character "
+                         f"{e.start}); pass UTF-8 text") from None
 
 
 class IncrementalDecoder:

@@ -16,6 +16,9 @@ from . import __version__
 from .errors import GlmTrtError
 
 SAMPLE_IMAGE = "sample.png"
+# What `glmtrt export --precision` / `glmtrt quantize --precision` take (glmtrt.export.folder.PRECISIONS; kept here
+# so that the parser needs no export import).
+PRECISIONS = ("fp32", "fp16", "int8", "cpu-int8", "cpu-int4")
 
 
 def sample_image_path() -> str:
@@ -44,7 +47,9 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="engines folder to write (must not exist unless --force)")
     p.add_argument("--force", action="store_true", help="replace an existing export at --out (only once the new one is complete)")
     p.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset (default: 20)")
-    p.add_argument("--precision", default="fp32", help="graph precision (default: %(default)s; only fp32 for now)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="fp32 (default), or a plan derived from it: fp16 / int8 (TensorRT input), cpu-int8 / cpu-int4 "
+                   "(ONNX Runtime only); see `glmtrt quantize`")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-graph lines; print only the result")
 
 
@@ -85,12 +90,85 @@ def add_parity_arguments(p: argparse.ArgumentParser) -> None:
                    "instead of the built-in cases")
     p.add_argument("--prompt", default=None, metavar="TEXT", help="use this prompt instead of the built-in cases")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
+    p.add_argument("--backend", choices=("onnxruntime", "trt"), default="onnxruntime",
+                   help="run the engines folder's ONNX graphs with ONNX Runtime (--provider) or its TensorRT plans "
+                   "built by `glmtrt build` (default: %(default)s)")
+
+
+def add_build_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engines", required=True, metavar="DIR", help="engines folder written by `glmtrt export`; the "
+                   ".plan files are written beside its graphs and recorded in its manifest")
+    p.add_argument("--profile", action="append", default=[], metavar="NAME=MIN:OPT:MAX",
+                   help="optimization-profile range of a dimension (batch, seq, capacity, num_patches, ...) in every "
+                   "graph that has it, or GRAPH.NAME for one graph (e.g. decode.capacity=2:512:8192); repeatable")
+    p.add_argument("--max-context", type=int, default=None, metavar="N",
+                   help="most positions (prompt + generated) the engines take: caps max_position_embeddings for the "
+                   "sequence and cache defaults (default: 4096)")
+    p.add_argument("--timing-cache", default=None, metavar="DIR", help="directory of TensorRT timing caches, one file "
+                   "per GPU + compute capability + TensorRT version (default: ~/.cache/glmtrt/timing-caches; '' = none)")
+    p.add_argument("--workspace", type=float, default=None, metavar="GB", help="TensorRT workspace pool limit in GiB "
+                   "(default: TensorRT's, the GPU's memory)")
+    p.add_argument("--tf32", action="store_true", help="let fp32 matmuls use TF32 (faster, ~1e-3 relative error; "
+                   "default off: fp32 engines compute in IEEE fp32)")
+    p.add_argument("--device", type=int, default=0, metavar="N", help="CUDA device to build for (default: 0)")
+
+
+def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engines", required=True, metavar="FP32_DIR", help="fp32 engines folder written by `glmtrt export`")
+    p.add_argument("--precision", required=True, choices=PRECISIONS[1:],
+                   help="fp16 / int8: TensorRT input (standard ops, precision in the graph); cpu-int8 / cpu-int4: "
+                   "ONNX Runtime CPU plans (dynamic int8 / weight-only int4 MatMulNBits)")
+    p.add_argument("--out", required=True, metavar="DIR", help="plan folder to write (must not exist unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing folder at --out (once the new one is complete)")
+    p.add_argument("--calibration-steps", type=int, default=None, metavar="N",
+                   help="int8: greedy decode steps per calibration case (default: 16)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="ONNX Runtime intra-op threads")
+    p.add_argument("--quiet", action="store_true", help="print only the result")
+
+
+def add_accuracy_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engines", required=True, action="append", metavar="DIR",
+                   help="engines folder of any precision (repeat to compare plans in one table)")
+    p.add_argument("--model", default=None, metavar="MODEL",
+                   help="checkpoint folder or preset the engines came from (default: the manifest's record)")
+    p.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="teacher-forced steps per case (default: enough for 256 over all cases)")
+    p.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default="cpu",
+                   help="ONNX Runtime execution provider (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="ONNX Runtime intra-op threads")
+    p.add_argument("--no-ocr", action="store_true", help="skip the OCR character error rate of the trained OCR model")
+    p.add_argument("--ocr-lines", type=int, default=100, metavar="N", help="held-out lines for the CER (default: %(default)s)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the report(s) as JSON")
 
 
 def add_lint_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH", help="engines folders or .onnx files")
     p.add_argument("--min-trt", default="10.13", metavar="X.Y",
                    help="oldest TensorRT version the graphs must parse in (default: %(default)s)")
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="glm-ocr", metavar="NAME",
+                   help="model preset with seeded random weights (default: %(default)s, the real-size 1.1B GLM-OCR; "
+                        "tiny-glm-ocr for a quick run)")
+    p.add_argument("--engines", action="append", default=[], metavar="DIR",
+                   help="an engines folder exported from --preset (repeatable; default: the preset exported once to "
+                        "CACHE/bench-PRESET)")
+    p.add_argument("--cache", default="engines", metavar="DIR", help="where the default export goes (default: %(default)s)")
+    p.add_argument("--roads", default=None, metavar="LIST",
+                   help="comma-separated subset of transformers-fp32,transformers-bf16,reference,onnxruntime (default: all)")
+    p.add_argument("--threads", type=int, default=2, metavar="N", help="threads of every road (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, metavar="N", help="runs per road; medians are reported "
+                   "(default: %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=64, metavar="N", help="greedy tokens per run (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=896, metavar="PX", help="side of the square page image "
+                   "(default: %(default)s: 4096 patches, 1024 image tokens)")
+    p.add_argument("--prompt", default="Text Recognition:", metavar="TEXT", help="the instruction (default: %(default)r)")
+    p.add_argument("--context", default=None, metavar="N[,N...]",
+                   help="also time decode steps over a synthetic past of these lengths, e.g. 64,1024,4096")
+    p.add_argument("--context-steps", type=int, default=8, metavar="N", help="timed steps per --context length "
+                   "(default: %(default)s)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
 
 
 def add_presets_arguments(p: argparse.ArgumentParser) -> None:
@@ -110,6 +188,14 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] 
                add_parity_arguments, "glmtrt.export.parity:parity_command"),
     "lint": ("check graphs for TensorRT ONNX-parser compatibility (runs on a CPU)",
              add_lint_arguments, "glmtrt.export.lint:lint_command"),
+    "bench": ("time one OCR workload through transformers, the reference and ONNX Runtime folders (same weights)",
+              add_bench_arguments, "glmtrt.export.bench:bench_command"),
+    "quantize": ("derive a precision plan (fp16, int8, cpu-int8, cpu-int4) from an fp32 engines folder",
+                 add_quantize_arguments, "glmtrt.export.plans:quantize_command"),
+    "accuracy": ("accuracy report of engines folders (plans) against the fp32 reference, one row per folder",
+                 add_accuracy_arguments, "glmtrt.export.accuracy:accuracy_command"),
+    "build": ("build TensorRT engines (.plan) for an engines folder's graphs (needs TensorRT and a GPU)",
+              add_build_arguments, "glmtrt.export.tensorrt:build_command"),
 }
 
 

@@ -20,3 +20,7 @@ class CheckpointError(GlmTrtError):
 
 class InputError(GlmTrtError):
     """A request's image, prompt or generation option is invalid."""
+
+
+class EngineError(GlmTrtError):
+    """A graph ran but returned unusable values (NaN or inf logits); the message names the graph."""

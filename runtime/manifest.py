@@ -77,6 +77,19 @@ class Manifest:
     glmtrt_version: str = ""
     schema_version: int = SCHEMA_VERSION
 
+    # ------------------------------------------------------------------ plans
+    @property
+    def plan(self) -> dict[str, Any]:
+        """The precision-plan record (``extra.plan``) of a folder derived by ``glmtrt quantize`` / ``glmtrt export
+        --precision``: tool and versions, per-graph precision, ``tensorrt_input``; {} for an fp32 export."""
+        plan = self.extra.get("plan")
+        return dict(plan) if isinstance(plan, dict) else {}
+
+    @property
+    def tensorrt_input(self) -> bool:
+        """False for the ONNX Runtime-only CPU plans (cpu-int8, cpu-int4), which TensorRT cannot parse."""
+        return bool(self.plan.get("tensorrt_input", True))
+
     # ------------------------------------------------------------------ writing
     def record_files(self, folder: Path) -> None:
         """Record size and SHA-256 of every file the manifest names (call after all files are written)."""
@@ -118,7 +131,7 @@ class Manifest:
             )
         try:
             manifest = cls._from_raw(raw)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ManifestError(f"{path} does not follow the manifest schema ({type(e).__name__}: {e}); re-export the folder") from None
         manifest.verify_files(folder, verify_hashes)
         return manifest

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from .chat import ChatFormat, IncrementalDecoder, split_thinking
-from .errors import InputError
+from .errors import EngineError, GlmTrtError, InputError
 from .manifest import Manifest, ManifestError
 from .preprocess import ImageProcessorConfig, num_image_tokens, preprocess_images
 from .prompt import HostConfig, PromptPlan, plan_prompt
@@ -40,6 +41,10 @@ __all__ = ["Pipeline", "GenerationResult", "Request", "TextStream"]
 
 STOP_EOS, STOP_LENGTH = "eos", "length"
 _CHAT_FAMILIES = ("glm4v", "glm4v_moe", "glm_ocr")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
 
 
 @dataclass
@@ -105,6 +110,10 @@ class Pipeline:
 
     def __init__(self, manifest: Manifest, folder: Path, backend, chat: ChatFormat | None):
         self.manifest, self.folder, self.backend, self.chat = manifest, Path(folder), backend, chat
+        # Threads may share a pipeline. ONNX Runtime sessions run concurrently (every generation has its own bindings
+        # and cache buffers); any other backend (TensorRT: one execution context and staging buffers per graph) runs
+        # one graph call at a time, and its outputs are copied before the lock is released.
+        self._graph_lock = None if str(getattr(backend, "name", "")).startswith("onnxruntime") else threading.Lock()
         try:
             self.host = HostConfig.from_config_dict(manifest.config)
         except (KeyError, TypeError, ValueError) as e:
@@ -119,6 +128,8 @@ class Pipeline:
             raise ManifestError(f"{emb['file']} has shape {self.embed_table.shape}, expected (vocab, "
                                 f"{self.host.hidden_size}); re-export the folder")
         self.vocab = int(manifest.config["text"]["lm_head_size"])
+        max_pos = manifest.config["text"].get("max_position_embeddings")
+        self.max_positions = int(max_pos) if max_pos else None  # prompt + generated tokens, at most
         vision = manifest.graphs["vision"]
         self._vision_inputs = vision.input_names()
         self._vision_output = vision.output_names()[0]
@@ -137,17 +148,30 @@ class Pipeline:
 
         folder = Path(path)
         manifest = Manifest.load(folder, verify_hashes=verify_hashes)
-        backend = load_backend(manifest, folder, provider=provider, threads=threads, **backend_options)
-        chat = None
-        if manifest.tokenizer:
-            try:
-                chat = ChatFormat.from_file(folder / manifest.tokenizer, manifest.special_tokens)
-            except ManifestError:
-                raise
-            except Exception as e:  # tokenizers raises plain Exception for unreadable files
-                raise ManifestError(f"cannot read {manifest.tokenizer} in {str(folder)!r} ({e}); re-export the folder") \
-                    from None
-        return cls(manifest, folder, backend, chat)
+        backend = None
+        try:
+            backend = load_backend(manifest, folder, provider=provider, threads=threads, **backend_options)
+            chat = None
+            if manifest.tokenizer:
+                try:
+                    chat = ChatFormat.from_file(folder / manifest.tokenizer, manifest.special_tokens)
+                except ManifestError:
+                    raise
+                except Exception as e:  # tokenizers raises plain Exception for unreadable files
+                    raise ManifestError(f"cannot read {manifest.tokenizer} in {str(folder)!r} ({_first_line(e)}); "
+                                        "re-export the folder") from None
+            return cls(manifest, folder, backend, chat)
+        except GlmTrtError:
+            if backend is not None:
+                backend.close()
+            raise
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, OSError) as e:
+            # The manifest passed the schema check but a value in it does not fit (a wrong type, a missing key or
+            # file under config / embeddings / graphs ...): that is a damaged or foreign folder, not a glmtrt bug.
+            if backend is not None:
+                backend.close()
+            raise ManifestError(f"the manifest of {str(folder)!r} does not fit this glmtrt ({type(e).__name__}: "
+                                f"{_first_line(e)}); re-export the folder") from None
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -190,6 +214,8 @@ class Pipeline:
             vision_inputs = self.preprocess(images)
         counts = [] if vision_inputs is None else [num_image_tokens(g, self.host.spatial_merge_size)
                                                    for g in vision_inputs.grid_thw]
+        if isinstance(prompt, str) and not prompt.strip() and not counts:
+            raise InputError("the prompt is empty and there is no image: nothing to answer; pass some text or an image")
         return chat.prompt_ids(prompt, counts, system=system)
 
     def _prepare_requests(self, requests: Sequence[Request]) -> _Prepared:
@@ -330,8 +356,58 @@ class Pipeline:
             if missing:
                 raise ManifestError(f"the vision graph wants inputs {missing} the host does not make for the "
                                     f"{self.host.vision_kind!r} tower; re-export the folder")
-            outputs.append(self.backend.run("vision", {n: inputs[n] for n in self._vision_inputs})[self._vision_output])
+            outputs.append(self._graph_call(self.backend.run, "vision",
+                                            {n: inputs[n] for n in self._vision_inputs})[self._vision_output])
         return outputs
+
+    def context_room(self, length: int) -> int:
+        """How many tokens a batch whose padded prompt has ``length`` tokens can generate before the engines'
+        context is full: prompt + generated tokens fit in the config's ``max_position_embeddings`` and, on TensorRT
+        engines, in the profiles ``glmtrt build`` recorded (prefill sequence, decode cache). Raises InputError,
+        naming the limits, when the prompt alone leaves no room (before any graph runs)."""
+        limits, room = [], []
+        if self.max_positions:
+            limits.append(f"max_position_embeddings {self.max_positions} (prompt + generated tokens)")
+            room.append(self.max_positions - length)
+        profiles = ((self.manifest.extra or {}).get("tensorrt") or {}).get("profiles") or {}
+        if getattr(self.backend, "name", "") == "trt" and profiles:
+            try:
+                seq_max = int(profiles["prefill"]["inputs_embeds"]["max"][1])
+                cache_max = int(profiles["decode"]["attention_mask"]["max"][1])
+            except (KeyError, IndexError, TypeError, ValueError):
+                raise ManifestError("the manifest's TensorRT profiles lack the prefill inputs_embeds / decode "
+                                    "attention_mask ranges; run `glmtrt build` again") from None
+            limits.append(f"the TensorRT profiles' prefill sequence of {seq_max} and decode cache of {cache_max} "
+                          "positions")
+            room.append(cache_max - length + 1 if length <= seq_max else 0)
+        if room and min(room) < 1:
+            raise InputError(f"the prompt has {length} tokens (images included), too long for these engines: "
+                             f"{'; '.join(limits)}; shorten the prompt or pass fewer or smaller images")
+        return min(room) if room else 1 << 62
+
+    def _graph_call(self, fn, *args):
+        """One backend call (a graph run, a decode state's start, prefill or step); see ``_graph_lock``."""
+        if self._graph_lock is None:
+            return fn(*args)
+        with self._graph_lock:
+            out = fn(*args)
+            if isinstance(out, np.ndarray):
+                return out.copy()
+            if isinstance(out, dict):
+                return {k: np.array(v) for k, v in out.items()}
+            return out
+
+    def _check_logits(self, logits: np.ndarray, graph: str, step: int | None = None) -> None:
+        """NaN or inf in a graph's logits is an engine fault: refuse it, naming the graph (float64 sum: no
+        allocation and no overflow from finite float32 values, so it is finite iff every logit is)."""
+        if np.isfinite(np.sum(logits, dtype=np.float64)):
+            return
+        where = "" if step is None else f" at decode step {step}"
+        rows = sorted({int(b) for b in np.nonzero(~np.isfinite(np.asarray(logits)))[0]})
+        raise EngineError(f"the {graph} graph ({self.manifest.graphs[graph].file}) returned NaN or inf logits{where} "
+                          f"(batch rows {rows}); the engines are numerically broken (an fp16/int8 overflow or a "
+                          f"damaged graph): check them with `glmtrt parity --engines {self.folder}` or use an fp32 "
+                          "export")
 
     def _generate(self, prepared: _Prepared, options: GenerationOptions):
         """Generator: yields each step's tokens (B,) and returns the list of GenerationResult."""
@@ -343,6 +419,8 @@ class Pipeline:
         if limit is not None and max_new > limit:
             raise InputError(f"GLM-Image generates at most {limit} tokens for these target grids "
                              f"(grid tokens + end); max_new_tokens is {max_new}")
+        # A full context ends generation with stop reason "length", as max_new_tokens does.
+        max_new = min(max_new, self.context_room(length))
         eos = self._eos(options)
         timings = {"preprocess_s": prepared.preprocess_s}
 
@@ -356,9 +434,10 @@ class Pipeline:
         embeds = self._embed(plan.input_ids)
         if not plan.merges_codes:
             plan.merge_embeddings(embeds, outputs)
-        state = self.backend.start_decode(batch, length + max_new - 1)
+        state = self._graph_call(self.backend.start_decode, batch, length + max_new - 1)
         mask = plan.attention_mask
-        logits = state.prefill(embeds, plan.position_ids, mask)
+        logits = self._graph_call(state.prefill, embeds, plan.position_ids, mask)
+        self._check_logits(logits, "prefill")
         sampler = Sampler(options, prompts, logits.shape[-1])
         tokens = sampler(logits)
         now = time.perf_counter()
@@ -386,7 +465,8 @@ class Pipeline:
             if all(s is not None for s in stops):
                 break
             mask = np.concatenate([mask, np.ones((batch, 1), dtype=mask.dtype)], axis=1)
-            logits = state.step(self._embed(tokens[:, None]), plan.decode_positions(step), mask)
+            logits = self._graph_call(state.step, self._embed(tokens[:, None]), plan.decode_positions(step), mask)
+            self._check_logits(logits, "decode", step)
             tokens = sampler(logits)
             steps += 1
             record(tokens)

@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
+
+from .errors import InputError
 
 __all__ = [
     "OPENAI_CLIP_MEAN",
@@ -184,13 +188,13 @@ class VisionInputs:
 
 def _check_positive_size(height, width) -> tuple[int, int]:
     if isinstance(height, bool) or isinstance(width, bool):
-        raise ValueError(f"image height/width must be positive integers, got {height!r} x {width!r}.")
+        raise InputError(f"image height/width must be positive integers, got {height!r} x {width!r}.")
     try:
         h, w = int(height), int(width)
     except (TypeError, ValueError):
-        raise ValueError(f"image height/width must be positive integers, got {height!r} x {width!r}.") from None
+        raise InputError(f"image height/width must be positive integers, got {height!r} x {width!r}.") from None
     if h != height or w != width or h < 1 or w < 1:
-        raise ValueError(f"image height/width must be positive integers, got {height!r} x {width!r}.")
+        raise InputError(f"image height/width must be positive integers, got {height!r} x {width!r}.")
     return h, w
 
 
@@ -211,11 +215,11 @@ def smart_resize(
     ``max_pixels``. Defaults are Glm4vImageProcessor's size (the transformers function's own max default,
     14*14*2*2*2*6144, is never used by the processor).
 
-    Raises ValueError for an aspect ratio above 200 and for fewer frames than ``temporal_factor``.
+    Raises InputError (a ValueError) for an aspect ratio above 200 and for fewer frames than ``temporal_factor``.
     """
     height, width = _check_positive_size(height, width)
     if num_frames < temporal_factor:
-        raise ValueError(
+        raise InputError(
             f"a clip needs at least temporal_factor={temporal_factor} frames, got {num_frames}; repeat the frame."
         )
     if height < factor or width < factor:
@@ -223,7 +227,7 @@ def smart_resize(
         height = int(height * scale)
         width = int(width * scale)
     if max(height, width) / min(height, width) > 200:
-        raise ValueError(
+        raise InputError(
             f"image aspect ratio {max(height, width) / min(height, width):.1f} is above 200; crop or pad the image."
         )
     # Python round() on floats: banker's rounding, exactly as transformers.
@@ -242,13 +246,38 @@ def smart_resize(
 
 
 def _pil_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """RGB conversion of transformers' image processors: transparency is composited onto white."""
-    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return PIL.Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    """RGB conversion of transformers' image processors: transparency is composited onto white. An RGB image
+    without transparency is returned as is (no full-size copy; nothing downstream writes into it)."""
+    try:
+        has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
+        if has_alpha:
+            rgba = image.convert("RGBA")
+            background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return PIL.Image.alpha_composite(background, rgba).convert("RGB")
+        return image if image.mode == "RGB" else image.convert("RGB")
+    except MemoryError:
+        raise
+    except Exception as e:  # PIL: ValueError (no conversion for this mode), OSError (a lazily loaded, broken file)
+        raise InputError(f"cannot convert a PIL image of mode {image.mode!r} and size {image.size} to RGB "
+                         f"({type(e).__name__}: {e}); convert it to RGB first.") from None
+
+
+# warnings.catch_warnings swaps process-wide state: one thread at a time (it spans only the header parse).
+_OPEN_LOCK = threading.Lock()
+
+
+def _open_guarded(fp, path: str) -> PIL.Image.Image:
+    """``PIL.Image.open`` with PIL's decompression-bomb guard turned into an InputError: an image of more than
+    ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (PIL warns above it and refuses above twice it) is refused before
+    anything is decoded. Only the header is read here."""
+    with _OPEN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+        try:
+            return PIL.Image.open(fp)
+        except (PIL.Image.DecompressionBombWarning, PIL.Image.DecompressionBombError) as e:
+            raise InputError(f"image {path!r} is too large to decode safely ({str(e).rstrip('.')}; the limit is "
+                             f"PIL.Image.MAX_IMAGE_PIXELS = {PIL.Image.MAX_IMAGE_PIXELS}); downscale it first.") \
+                from None
 
 
 def load_image(path_or_image) -> PIL.Image.Image:
@@ -256,22 +285,33 @@ def load_image(path_or_image) -> PIL.Image.Image:
 
     A path is opened as transformers' ``image_utils.load_image`` does (EXIF orientation applied, then
     ``convert("RGB")``, which drops alpha), which is what the HF processor sees when a chat message names an
-    image by path. An Image object is converted as the image processor does (alpha composited onto white).
+    image by path; an animated image (GIF, APNG, WebP) gives its first frame, as there. An Image object is
+    converted as the image processor does (alpha composited onto white).
+
+    Raises InputError for a missing, empty, unreadable or truncated file, and for a file of more than
+    ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (PIL's decompression-bomb guard; checked before decoding). A file
+    within that guard is decoded once, without further full-size copies.
     """
     if isinstance(path_or_image, PIL.Image.Image):
         return _pil_to_rgb(path_or_image)
     if isinstance(path_or_image, (str, os.PathLike)):
         path = os.fspath(path_or_image)
         if not os.path.isfile(path):
-            raise ValueError(f"image file not found: {path!r}; pass an existing file path or a PIL image.")
+            raise InputError(f"image file not found: {path!r}; pass an existing file path or a PIL image.")
         try:
-            with PIL.Image.open(path) as opened:
-                opened.load()
-                image = PIL.ImageOps.exif_transpose(opened)
-                return image.convert("RGB")
+            with open(path, "rb") as fp:
+                image = _open_guarded(fp, path)
+                image.load()
+                PIL.ImageOps.exif_transpose(image, in_place=True)
+                return image if image.mode == "RGB" else image.convert("RGB")
+        except (InputError, MemoryError):
+            raise
         except PIL.UnidentifiedImageError:
-            raise ValueError(f"cannot read {path!r} as an image; pass a PNG/JPEG/... file or a PIL image.") from None
-    raise ValueError(
+            raise InputError(f"cannot read {path!r} as an image; pass a PNG/JPEG/... file or a PIL image.") from None
+        except Exception as e:  # a truncated or corrupt file: OSError, SyntaxError, ValueError, zlib/struct errors
+            raise InputError(f"cannot decode {path!r} ({type(e).__name__}: {e}); the file is truncated or damaged: "
+                             "pass a complete image file.") from None
+    raise InputError(
         f"expected an image path or a PIL.Image.Image, got {type(path_or_image).__name__}; "
         "arrays go to preprocess_images directly."
     )
@@ -280,13 +320,13 @@ def load_image(path_or_image) -> PIL.Image.Image:
 def _array_to_rgb(array: np.ndarray) -> PIL.Image.Image:
     """Channels-last uint8 array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) -> RGB image, as transformers converts it."""
     if array.dtype != np.uint8:
-        raise ValueError(
+        raise InputError(
             f"image arrays must be uint8 (0..255), got {array.dtype}; convert with (x * 255).round().astype(np.uint8)."
         )
     if array.ndim == 2:
         array = array[:, :, None]
     if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
-        raise ValueError(
+        raise InputError(
             f"image arrays must be channels-last (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got shape {array.shape}; "
             "for channels-first use np.moveaxis(a, 0, -1)."
         )
@@ -304,15 +344,26 @@ def _array_to_rgb(array: np.ndarray) -> PIL.Image.Image:
 def _as_rgb_image(image) -> PIL.Image.Image:
     if isinstance(image, np.ndarray):
         return _array_to_rgb(image)
-    return load_image(image)
+    if isinstance(image, PIL.Image.Image):
+        return _pil_to_rgb(image)
+    # A path: transformers' load_image, then its processor's RGB conversion, which composites a transparency
+    # colour that ``convert("RGB")`` kept in ``info`` (palette and tRNS PNGs, GIFs) onto white.
+    return _pil_to_rgb(load_image(image))
 
 
 def _normalize(rgb_uint8_hwc: np.ndarray, config: ImageProcessorConfig) -> np.ndarray:
-    """uint8 (H, W, 3) -> float32 (3, H, W): rescale in float64 then cast, normalize in float32 (transformers' order)."""
-    scaled = (rgb_uint8_hwc.astype(np.float64) * config.rescale_factor).astype(np.float32)
-    mean = np.asarray(config.image_mean, dtype=np.float32)
-    std = np.asarray(config.image_std, dtype=np.float32)
-    return np.ascontiguousarray(((scaled - mean) / std).transpose(2, 0, 1))
+    """uint8 (H, W, 3) -> float32 (3, H, W): rescale in float64 then cast, normalize in float32 (transformers' order).
+
+    The float64 step runs in bands of rows and the rest in place, so a big image needs no full-size float64 copy
+    (the values are those of the one-shot expression, bit for bit)."""
+    height = rgb_uint8_hwc.shape[0]
+    scaled = np.empty(rgb_uint8_hwc.shape, dtype=np.float32)
+    band = max(1, (1 << 21) // max(1, rgb_uint8_hwc[:1].size))  # about 2M values (16 MB of float64) at a time
+    for top in range(0, height, band):
+        scaled[top:top + band] = rgb_uint8_hwc[top:top + band].astype(np.float64) * config.rescale_factor
+    scaled -= np.asarray(config.image_mean, dtype=np.float32)
+    scaled /= np.asarray(config.image_std, dtype=np.float32)
+    return np.ascontiguousarray(scaled.transpose(2, 0, 1))
 
 
 def _resize_normalize(image: PIL.Image.Image, height: int, width: int, config: ImageProcessorConfig) -> np.ndarray:
@@ -345,7 +396,7 @@ def _as_image_list(images) -> list:
         # One (H, W[, C]) image, or a stack (B, H, W, C).
         return list(images) if images.ndim == 4 else [images]
     if not isinstance(images, Sequence) or len(images) == 0:
-        raise ValueError("preprocess needs at least one image (PIL image, path or uint8 HxWx3 array).")
+        raise InputError("preprocess needs at least one image (PIL image, path or uint8 HxWx3 array).")
     return list(images)
 
 
@@ -354,11 +405,14 @@ def _preprocess_with(images, config: ImageProcessorConfig, resize_fn) -> VisionI
     for image in _as_image_list(images):
         rgb = _as_rgb_image(image)
         height, width = resize_fn(rgb.height, rgb.width)
-        patches, gh, gw = _patchify_image(_resize_normalize(rgb, height, width, config), config)
+        normalized = _resize_normalize(rgb, height, width, config)
+        del rgb  # the decoded full-size image is not needed past the resize
+        patches, gh, gw = _patchify_image(normalized, config)
+        del normalized
         rows.append(patches)
         grids.append((1, gh, gw))
     return VisionInputs(
-        pixel_values=np.concatenate(rows, axis=0).astype(np.float32, copy=False),
+        pixel_values=(rows[0] if len(rows) == 1 else np.concatenate(rows, axis=0)).astype(np.float32, copy=False),
         grid_thw=np.asarray(grids, dtype=np.int64).reshape(-1, 3),
     )
 
@@ -413,30 +467,30 @@ def preprocess_video(
     """
     if isinstance(frames, np.ndarray):
         if frames.ndim != 4:
-            raise ValueError(f"a video array must be (T, H, W, C) uint8, got shape {frames.shape}.")
+            raise InputError(f"a video array must be (T, H, W, C) uint8, got shape {frames.shape}.")
         frame_list = list(frames)
     elif isinstance(frames, Sequence) and not isinstance(frames, (str, bytes)):
         frame_list = list(frames)
     else:
-        raise ValueError(f"frames must be a list of frames or a (T, H, W, C) array, got {type(frames).__name__}.")
+        raise InputError(f"frames must be a list of frames or a (T, H, W, C) array, got {type(frames).__name__}.")
     tp = config.temporal_patch_size
     if len(frame_list) < tp:
-        raise ValueError(
+        raise InputError(
             f"a video needs at least {tp} frames, got {len(frame_list)}; repeat the frame or use preprocess_images."
         )
     rgb_frames = [_as_rgb_image(f) for f in frame_list]
     sizes = {(f.height, f.width) for f in rgb_frames}
     if len(sizes) != 1:
-        raise ValueError(f"all video frames must have the same size, got {sorted(sizes)}; resize them first.")
+        raise InputError(f"all video frames must have the same size, got {sorted(sizes)}; resize them first.")
     (height, width) = sizes.pop()
     num_frames = len(rgb_frames)
     if timestamps is None:
         if not fps > 0:
-            raise ValueError(f"fps must be positive, got {fps!r}.")
+            raise InputError(f"fps must be positive, got {fps!r}.")
         timestamps = [i / fps for i in range(num_frames)]
     timestamps = [float(t) for t in timestamps]
     if len(timestamps) != num_frames:
-        raise ValueError(f"got {len(timestamps)} timestamps for {num_frames} frames; pass one per frame.")
+        raise InputError(f"got {len(timestamps)} timestamps for {num_frames} frames; pass one per frame.")
 
     resized_h, resized_w = smart_resize(
         height,
@@ -476,11 +530,11 @@ def sample_video_frame_indices(
     padded by repeating the last index. Returns int64 (n,), n even and >= 2.
     """
     if isinstance(total_frames, bool) or int(total_frames) != total_frames or total_frames < 1:
-        raise ValueError(f"total_frames must be a positive integer, got {total_frames!r}.")
+        raise InputError(f"total_frames must be a positive integer, got {total_frames!r}.")
     if not video_fps or video_fps <= 0:
-        raise ValueError(f"video_fps must be positive (the video's native frame rate), got {video_fps!r}.")
+        raise InputError(f"video_fps must be positive (the video's native frame rate), got {video_fps!r}.")
     if not fps or fps <= 0:
-        raise ValueError(f"fps must be positive, got {fps!r}.")
+        raise InputError(f"fps must be positive, got {fps!r}.")
     total_frames = int(total_frames)
     max_frame_idx = total_frames - 1
     duration = duration or round(max_frame_idx / video_fps) + 1
@@ -515,9 +569,9 @@ def glm_image_smart_resize(
     """
     height, width = _check_positive_size(height, width)
     if height < factor or width < factor:
-        raise ValueError(f"GLM-Image source images need both sides >= {factor} px, got {height}x{width}.")
+        raise InputError(f"GLM-Image source images need both sides >= {factor} px, got {height}x{width}.")
     if max(height, width) / min(height, width) > 4:
-        raise ValueError(
+        raise InputError(
             f"GLM-Image source aspect ratio {max(height, width) / min(height, width):.2f} is above 4; crop the image."
         )
     shortest_edge = int(round(math.sqrt(min_pixels)))
@@ -549,7 +603,7 @@ def glm_image_target_grids(
     """
     target_height, target_width = _check_positive_size(target_height, target_width)
     if target_height < factor or target_width < factor:
-        raise ValueError(
+        raise InputError(
             f"GLM-Image target size must be at least {factor}x{factor} px, got {target_height}x{target_width}."
         )
     token_h = (target_height // factor * factor) // factor

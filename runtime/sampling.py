@@ -50,10 +50,13 @@ class GenerationOptions:
         def number(name, value, kind=float):
             if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
                 raise InputError(f"{name} must be a number, got {value!r}")
-            if kind is int and int(value) != value:
-                raise InputError(f"{name} must be an integer, got {value!r}")
             if not math.isfinite(float(value)):
                 raise InputError(f"{name} must be finite, got {value!r}")
+            if kind is int:
+                if int(value) != value:
+                    raise InputError(f"{name} must be an integer, got {value!r}")
+                value = int(value)  # 3.0 or np.int64(3) -> 3: counts and seeds are Python ints from here on
+                object.__setattr__(self, name, value)
             return value
 
         if number("max_new_tokens", self.max_new_tokens, int) < 1:

@@ -96,22 +96,36 @@ def test_prefill_and_decode_graphs_match_reference(exported, name, batch, seq):
     assert len(got) == 1 + 2 * layers
     assert max(max_abs(g, w) for g, w in zip(got, want)) <= TOL
 
-    past = want[1:]  # the reference prefill's cache: past length = seq
-    ort_past = got[1:]
+    # Decode over a fixed-capacity cache: buffers of seq + 4 slots; unwritten slots hold finite noise (the mask,
+    # not their contents, must keep them out). Step 0 reads the reference prefill's cache, step 1 the graph's own
+    # prefill cache plus the slot the graph returned at step 0; each against the reference's decode_step.
+    capacity = seq + 4
+    rng = np.random.default_rng(seq)
+    t = model.config.text
+    buffers = {"ref": [], "ort": []}
+    for road, cache in (("ref", want[1:]), ("ort", got[1:])):
+        for tensor in cache:
+            buf = rng.standard_normal((batch, t.num_kv_heads, capacity, t.head_dim)).astype(np.float32)
+            buf[:, :, :seq] = tensor
+            buffers[road].append(buf)
+    past = [torch.from_numpy(w) for w in want[1:]]
     for step in range(2):
         embeds, positions, _ = _text_inputs(model, batch, 1, seq + step, seed=100 + step)
-        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)  # past + new, the reference's
         logits, keys, values = model.decode_step(torch.from_numpy(embeds), torch.from_numpy(positions),
-                                                 torch.from_numpy(mask), [torch.from_numpy(k) for k in past[0::2]],
-                                                 [torch.from_numpy(v) for v in past[1::2]])
-        want = [logits.numpy()] + [t.numpy() for pair in zip(keys, values) for t in pair]
-        feeds = {"inputs_embeds": embeds, "position_ids": positions, "attention_mask": mask}
-        # step 0 gets the very same past as the reference; step 1 the graph's own present of step 0
-        feeds.update(zip(kv_names("past_key_values", layers), past if step == 0 else ort_past))
+                                                 torch.from_numpy(mask), past[0::2], past[1::2])
+        want = [logits.numpy()] + [x[:, :, -1:].numpy() for pair in zip(keys, values) for x in pair]
+        slots = np.zeros((batch, capacity), np.int64)
+        slots[:, :seq + step] = mask[:, :-1]  # the graph's mask covers valid past slots only
+        feeds = {"inputs_embeds": embeds, "position_ids": positions, "attention_mask": slots}
+        feeds.update(zip(kv_names("past_key_values", layers), buffers["ref" if step == 0 else "ort"]))
         got = session(folder, "decode").run(None, feeds)
-        assert got[1].shape[2] == seq + step + 1
+        assert len(got) == 1 + 2 * layers and got[1].shape == (batch, t.num_kv_heads, 1, t.head_dim)
         assert max(max_abs(g, w) for g, w in zip(got, want)) <= TOL
-        past, ort_past = want[1:], got[1:]
+        for road, new in (("ref", want[1:]), ("ort", got[1:])):
+            for buf, slot in zip(buffers[road], new):
+                buf[:, :, seq + step] = slot[:, :, 0]
+        past = [torch.cat([p, torch.from_numpy(w)], dim=2) for p, w in zip(past, want[1:])]
 
 
 # ------------------------------------------------------------------------------------------ the files
@@ -136,7 +150,8 @@ def test_folder_is_standard_onnx_with_a_matching_manifest(exported, name):
         assert [vars(t) for t in spec.inputs] == real["inputs"], role
         assert [vars(t) for t in spec.outputs] == real["outputs"], role
     dims = {d for spec in manifest.graphs.values() for t in spec.inputs + spec.outputs for d in t.shape if isinstance(d, str)}
-    assert dims == {"batch", "seq", "past", "total", "num_patches", "num_tokens"}
+    assert dims == {"batch", "seq", "capacity", "num_patches", "num_tokens"}
+    assert manifest.extra["kv_cache"]["mode"] == "fixed-capacity" and manifest.extra["kv_cache"]["capacity_dim"] == "capacity"
     table = np.load(folder / manifest.embeddings["file"], mmap_mode="r")
     assert list(table.shape) == manifest.embeddings["shape"] and str(table.dtype) == manifest.embeddings["dtype"]
     assert np.array_equal(table, model.model.language_model.embed_tokens.weight.detach().numpy())
@@ -213,7 +228,7 @@ def test_force_refuses_a_folder_that_is_not_an_export(tmp_path):
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(model="tiny-glm-nope"), "neither a checkpoint folder nor a preset"),
-    (dict(precision="fp16"), "precision 'fp16' is not available; choose one of: fp32"),
+    (dict(precision="bf16"), "precision 'bf16' is not available; choose one of: fp32, fp16, int8, cpu-int8, cpu-int4"),
     (dict(opset=11), "opset 11 is not supported"),
     (dict(model="tiny-glm-image"), "not yet supported"),
 ])

@@ -12,7 +12,7 @@ tensorrt) only when called.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +23,20 @@ from ..manifest import Manifest, ManifestError
 
 __all__ = ["Backend", "DecodeState", "HostKVState", "KVLayout", "load_backend", "PROVIDERS"]
 
-PROVIDERS = ("cpu", "cuda", "tensorrt")
+PROVIDERS = ("cpu", "cuda", "tensorrt", "trt")
+
+
+KV_MODES = ("fixed-capacity", "concat")
 
 
 class KVLayout:
-    """Names and geometry of the KV cache, read from the manifest's prefill and decode graphs.
+    """Names, geometry and contract of the KV cache, read from the manifest's prefill and decode graphs.
 
     present names ``present.{i}.key|value`` (prefill and decode outputs) map to past names
     ``past_key_values.{i}.key|value`` (decode inputs); shapes are (batch, kv_heads, length, head_dim).
+    ``mode`` is the manifest's ``extra.kv_cache.mode``: "fixed-capacity" (the decode graph reads the runtime's
+    buffers of ``capacity`` slots, masked by ``attention_mask`` (batch, capacity), and returns only the new
+    slot) or, for folders that predate that record, "concat" (past in, the whole grown cache out).
     """
 
     def __init__(self, manifest: Manifest):
@@ -47,6 +53,25 @@ class KVLayout:
         self.head_dim = int(text["head_dim"])
         spec = {t.name: t for t in prefill.outputs}[self.present[0]]
         self.dtype = np.dtype(spec.dtype)
+        record = manifest.extra.get("kv_cache") or {}
+        self.mode = record.get("mode", "concat") if isinstance(record, dict) else None
+        if self.mode not in KV_MODES:
+            raise ManifestError(f"the manifest's KV cache mode {self.mode!r} is unknown to this glmtrt (it knows "
+                                f"{', '.join(KV_MODES)}); upgrade glmtrt or re-export the folder")
+        inputs = {t.name: t for t in decode.inputs}
+        past_len = inputs[self.past[0]].shape[2]
+        new_len = {t.name: t for t in decode.outputs}[self.present[0]].shape[2]
+        fixed = self.mode == "fixed-capacity"
+        mask_len = inputs["attention_mask"].shape[-1] if "attention_mask" in inputs else None
+        if (new_len == 1) != fixed or (fixed and (not isinstance(past_len, str) or mask_len != past_len)):
+            raise ManifestError(f"the decode graph's cache shapes (past length {past_len!r}, present length "
+                                f"{new_len!r}, mask length {mask_len!r}) do not fit the manifest's KV cache mode "
+                                f"{self.mode!r}; re-export the folder")
+        self.mask_dtype = np.dtype(inputs["attention_mask"].dtype) if mask_len is not None else np.dtype(np.int64)
+
+    @property
+    def fixed_capacity(self) -> bool:
+        return self.mode == "fixed-capacity"
 
     def shape(self, batch: int, length: int) -> tuple[int, int, int, int]:
         return (batch, self.kv_heads, length, self.head_dim)
@@ -61,7 +86,13 @@ class DecodeState(ABC):
 
     @abstractmethod
     def step(self, inputs_embeds: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """Run one decode step on the kept cache; keep the grown cache. Returns logits (B, V)."""
+        """Run one decode step on the kept cache; keep the grown cache. ``attention_mask`` (B, P + 1) covers the
+        P cached positions and the new token, whatever the graph's own mask contract. Returns logits (B, V)."""
+
+    def load(self, past: Sequence[np.ndarray]) -> None:
+        """Start from a given cache instead of a prefill (prefix reuse, benchmarks at a chosen context): host
+        arrays (B, kv_heads, P, head_dim) in ``past_key_values`` order (layer-major, key then value)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot load a cache")
 
 
 class Backend(ABC):
@@ -75,40 +106,84 @@ class Backend(ABC):
 
     def start_decode(self, batch: int, capacity: int) -> DecodeState:
         """A decode state for ``batch`` rows and at most ``capacity`` cached positions (prompt + new tokens)."""
-        return HostKVState(self, KVLayout(self.manifest))
+        return HostKVState(self, KVLayout(self.manifest), capacity)
 
     def close(self) -> None:
         """Release sessions and device memory."""
 
 
 class HostKVState(DecodeState):
-    """The portable decode state: the cache returned by one call is fed to the next as host arrays."""
+    """The portable decode state on ``Backend.run`` alone: the cache lives in host arrays.
 
-    def __init__(self, backend: Backend, layout: KVLayout):
+    "concat" folders: the presents of one call are fed to the next. "fixed-capacity" folders: one zeroed
+    buffer (B, kv_heads, capacity, head_dim) per cache tensor, prefill's presents copied into its first slots,
+    each step's new slot written at the past length; without a ``capacity`` (or past it) the buffers grow.
+    """
+
+    def __init__(self, backend: Backend, layout: KVLayout, capacity: int | None = None):
         self.backend, self.layout = backend, layout
+        self.capacity = capacity
         self.cache: dict[str, np.ndarray] = {}
+        self.length = 0
 
     def _keep(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
         self.cache = {past: outputs[present] for present, past in zip(self.layout.present, self.layout.past)}
         return outputs["logits"]
 
     def prefill(self, inputs_embeds, position_ids, attention_mask):
-        return self._keep(self.backend.run("prefill", {"inputs_embeds": inputs_embeds, "position_ids": position_ids,
-                                                       "attention_mask": attention_mask}))
+        outputs = self.backend.run("prefill", {"inputs_embeds": inputs_embeds, "position_ids": position_ids,
+                                               "attention_mask": attention_mask})
+        logits = self._keep(outputs)
+        self.length = int(np.shape(inputs_embeds)[1])
+        if self.layout.fixed_capacity:
+            self._grow(max(self.capacity or 0, self.length + 1))
+        return logits
+
+    def load(self, past):
+        self.cache = {name: np.asarray(a, dtype=self.layout.dtype) for name, a in zip(self.layout.past, past, strict=True)}
+        self.length = int(self.cache[self.layout.past[0]].shape[2])
+        if self.layout.fixed_capacity:
+            self._grow(max(self.capacity or 0, self.length + 1))
+
+    def _grow(self, capacity: int) -> None:
+        """Copy the cache into zeroed buffers of ``capacity`` slots (finite unwritten slots: see KV_CACHE)."""
+        batch = next(iter(self.cache.values())).shape[0]
+        grown = {}
+        for name, old in self.cache.items():
+            buf = np.zeros(self.layout.shape(batch, capacity), dtype=old.dtype)
+            buf[:, :, :self.length] = old[:, :, :self.length]
+            grown[name] = buf
+        self.cache, self.capacity = grown, capacity
 
     def step(self, inputs_embeds, position_ids, attention_mask):
         inputs = {"inputs_embeds": inputs_embeds, "position_ids": position_ids, "attention_mask": attention_mask}
-        return self._keep(self.backend.run("decode", {**inputs, **self.cache}))
+        if not self.layout.fixed_capacity:
+            return self._keep(self.backend.run("decode", {**inputs, **self.cache}))
+        p = self.length
+        if p >= self.capacity:
+            self._grow(2 * self.capacity)
+        mask = np.zeros((np.shape(attention_mask)[0], self.capacity), dtype=self.layout.mask_dtype)
+        mask[:, :p] = np.asarray(attention_mask)[:, :p]
+        outputs = self.backend.run("decode", {**inputs, "attention_mask": mask, **self.cache})
+        for present, past in zip(self.layout.present, self.layout.past):
+            self.cache[past][:, :, p] = outputs[present][:, :, 0]
+        self.length = p + 1
+        return outputs["logits"]
 
 
 def load_backend(manifest: Manifest, folder: str | Path, provider: str = "cpu", threads: int | None = None,
                  **options: Any) -> Backend:
     """The backend for ``provider``: "cpu" (ONNX Runtime's CPU provider), "cuda" or "tensorrt" (onnxruntime-gpu's
-    CUDA / TensorRT execution providers)."""
+    CUDA / TensorRT execution providers), or "trt" (the folder's TensorRT plans from ``glmtrt build``, run by
+    TensorRT itself; options: device, verify_plans)."""
     if provider not in PROVIDERS:
         raise GlmTrtError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise GlmTrtError(f"threads must be a positive integer, got {threads!r}")
+    if provider == "trt":
+        from .tensorrt import TrtBackend
+
+        return TrtBackend(manifest, Path(folder), threads=threads, **options)
     from .onnxruntime import OrtBackend
 
     return OrtBackend(manifest, Path(folder), provider=provider, threads=threads, **options)

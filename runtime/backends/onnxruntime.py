@@ -1,14 +1,26 @@
 """ONNX Runtime backend: one InferenceSession per graph; prefill and decode through IO binding.
 
-The KV cache never round-trips through Python objects between steps. Each cache tensor gets two flat
-buffers ("arenas") of ``batch * kv_heads * capacity * head_dim`` elements, allocated once per generation on
-the provider's device; prefill writes its presents into arena A, decode step s reads its past from one arena
-and writes the grown present into the other (ping-pong), each bound by pointer with that step's shape. The
-logits output is bound to one preallocated host buffer. Per step only the new token's embedding, positions
+The KV cache never round-trips through Python objects between steps. Two decode contracts (the manifest's
+``extra.kv_cache.mode``, see ``glmtrt.export.graphs.KV_CACHE``):
+
+* "fixed-capacity" (:class:`OrtFixedCapacityState`): one zeroed buffer (batch, kv_heads, capacity, head_dim)
+  per cache tensor, allocated once per generation (capacity = prompt + new tokens) and bound once as an input
+  of the decode session, together with a (batch, capacity) slot mask; on the CPU the bindings are OrtValues
+  over the numpy buffers themselves, so no step copies the cache. Prefill's presents are copied into the first
+  slots once; each step's graph returns only the new token's K/V (bound to small preallocated arrays), which
+  the host writes into slot P. A step's cost is one read of the cache and the weights.
+* "concat" (:class:`OrtConcatState`, folders exported before that contract): two flat arenas per cache tensor
+  of ``batch * kv_heads * capacity * head_dim`` elements; decode step s reads its past from one arena and
+  writes the grown present into the other (ping-pong), each bound by pointer with that step's shape.
+
+The logits output is bound to one preallocated host buffer. Per step only the new token's embedding, positions
 and mask travel from the host, and only the logits come back.
 
 Providers: "cpu" (CPUExecutionProvider); "cuda" and "tensorrt" need onnxruntime-gpu
 (``pip install 'glmtrt[gpu]'``) and map to CUDAExecutionProvider / TensorrtExecutionProvider (+ CUDA fallback).
+With them the fixed-capacity buffers stay host arrays that ONNX Runtime copies to the device each step (a
+device-side slot write needs a CUDA binding, which this backend does not take on); the concat arenas live on
+the device.
 """
 
 from __future__ import annotations
@@ -23,7 +35,7 @@ from ..errors import GlmTrtError
 from ..manifest import Manifest, ManifestError
 from . import Backend, DecodeState, KVLayout
 
-__all__ = ["OrtBackend", "OrtDecodeState", "ort_providers"]
+__all__ = ["OrtBackend", "OrtConcatState", "OrtFixedCapacityState", "ort_providers"]
 
 _PROVIDER_CHAINS = {
     "cpu": ["CPUExecutionProvider"],
@@ -103,14 +115,88 @@ class OrtBackend(Backend):
         return dict(zip(names, session.run(names, self.cast_inputs(graph, inputs))))
 
     def start_decode(self, batch: int, capacity: int) -> DecodeState:
-        return OrtDecodeState(self, batch, capacity)
+        if self.kv.fixed_capacity:
+            return OrtFixedCapacityState(self, batch, capacity)
+        return OrtConcatState(self, batch, capacity)
 
     def close(self) -> None:
         self.sessions.clear()
 
 
-class OrtDecodeState(DecodeState):
-    """Prefill + decode steps with the cache in two preallocated arenas per cache tensor (see module docstring)."""
+class OrtFixedCapacityState(DecodeState):
+    """Prefill + decode steps over fixed-capacity cache buffers bound once (see the module docstring)."""
+
+    def __init__(self, backend: OrtBackend, batch: int, capacity: int):
+        ort = _ort()
+        self.backend, self.batch, self.capacity = backend, int(batch), max(int(capacity), 1)
+        kv = self.kv = backend.kv
+        manifest = backend.manifest
+        # Zeros, not np.empty: unwritten slots are masked, but their V rows still meet a 0 weight (0 * NaN = NaN).
+        self.buffers = [np.zeros(kv.shape(self.batch, self.capacity), dtype=kv.dtype) for _ in kv.past]
+        self.mask = np.zeros((self.batch, self.capacity), dtype=kv.mask_dtype)
+        decode_outputs = {t.name: t for t in manifest.graphs["decode"].outputs}
+        self.new_slots = [np.empty(kv.shape(self.batch, 1), dtype=np.dtype(decode_outputs[n].dtype)) for n in kv.present]
+        vocab = int(manifest.config["text"]["lm_head_size"])
+        self.logits = np.empty((self.batch, vocab), dtype=np.dtype(decode_outputs["logits"].dtype))
+        self.length = 0  # cached positions = the next write slot
+        session = backend.sessions["decode"]
+        self.binding = binding = session.io_binding()
+        # OrtValues over the numpy buffers: on the CPU ONNX Runtime reads them in place, every step.
+        self._values = [ort.OrtValue.ortvalue_from_numpy(a) for a in (*self.buffers, self.mask)]
+        for name, value in zip((*kv.past, "attention_mask"), self._values):
+            binding.bind_ortvalue_input(name, value)
+        for name, array in zip(kv.present, self.new_slots):
+            binding.bind_output(name, "cpu", 0, array.dtype.type, list(array.shape), array.ctypes.data)
+        binding.bind_output("logits", "cpu", 0, self.logits.dtype.type, list(self.logits.shape), self.logits.ctypes.data)
+
+    def prefill(self, inputs_embeds, position_ids, attention_mask):
+        length = int(inputs_embeds.shape[1])
+        self._check(inputs_embeds, length)
+        backend = self.backend
+        names = ["logits", *self.kv.present]
+        outputs = backend.sessions["prefill"].run(names, backend.cast_inputs(
+            "prefill", {"inputs_embeds": inputs_embeds, "position_ids": position_ids, "attention_mask": attention_mask}))
+        for buf, present in zip(self.buffers, outputs[1:]):
+            buf[:, :, :length] = present  # once per generation
+        self.length = length
+        np.copyto(self.logits, outputs[0])
+        return self.logits
+
+    def load(self, past):
+        past = list(past)
+        if len(past) != len(self.buffers):
+            raise ValueError(f"{len(past)} cache tensors given, the model has {len(self.buffers)}")
+        length = int(past[0].shape[2])
+        self._check(np.empty((past[0].shape[0], 0)), length + 1)
+        for buf, array in zip(self.buffers, past):
+            buf[:, :, :length] = array
+        self.length = length
+
+    def step(self, inputs_embeds, position_ids, attention_mask):
+        p = self.length
+        if p == 0:
+            raise RuntimeError("decode step before prefill")
+        self._check(inputs_embeds, p + 1)
+        backend, binding = self.backend, self.binding
+        for name, array in backend.cast_inputs("decode", {"inputs_embeds": inputs_embeds,
+                                                          "position_ids": position_ids}).items():
+            binding.bind_cpu_input(name, array)
+        self.mask[:, :p] = np.asarray(attention_mask)[:, :p]  # the graph's mask covers past slots only
+        backend.sessions["decode"].run_with_iobinding(binding)
+        for buf, new in zip(self.buffers, self.new_slots):
+            buf[:, :, p] = new[:, :, 0]
+        self.length = p + 1
+        return self.logits
+
+    def _check(self, inputs_embeds: np.ndarray, new_length: int) -> None:
+        if inputs_embeds.shape[0] != self.batch:
+            raise ValueError(f"batch {inputs_embeds.shape[0]} != the state's {self.batch}")
+        if new_length > self.capacity:
+            raise ValueError(f"the KV cache would hold {new_length} positions, its capacity is {self.capacity}")
+
+
+class OrtConcatState(DecodeState):
+    """Prefill + decode steps of a "concat" folder: the cache in two preallocated arenas per cache tensor."""
 
     def __init__(self, backend: OrtBackend, batch: int, capacity: int):
         ort = _ort()
@@ -158,6 +244,16 @@ class OrtDecodeState(DecodeState):
         session.run_with_iobinding(binding)
         self.side, self.length = write_side, present_length
         return self.logits
+
+    def load(self, past):
+        past = list(past)
+        if self.backend.device != "cpu" or len(past) != len(self._arenas):
+            raise ValueError("loading a cache needs the CPU provider and one array per cache tensor")
+        length = int(past[0].shape[2])
+        self._check(np.empty((past[0].shape[0], 0)), length + 1)
+        for pair, array in zip(self._arenas, past):
+            pair[0][:array.size].reshape(array.shape)[...] = array
+        self.side, self.length = 0, length
 
     def prefill(self, inputs_embeds, position_ids, attention_mask):
         length = int(inputs_embeds.shape[1])
