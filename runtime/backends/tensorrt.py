@@ -25,7 +25,6 @@ Needs ``pip install 'glmtrt[tensorrt]'`` (tensorrt, cuda-python). Nothing here i
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import GlmTrtError
-from ..manifest import Manifest, ManifestError
+from ..manifest import Manifest, ManifestError, sha256_file
 from . import Backend, DecodeState, KVLayout
 
 __all__ = ["TrtBackend", "TrtConcatState", "TrtFixedCapacityState", "DeviceInfo", "INSTALL_HINT",
@@ -160,12 +159,6 @@ def plan_records(manifest: Manifest) -> dict[str, Any]:
     return record
 
 
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------- logger and memory
@@ -282,7 +275,7 @@ class TrtBackend(Backend):
         if "size" in plan and size != int(plan["size"]):
             raise ManifestError(f"{str(path)!r} has {size} bytes, the manifest recorded {plan['size']}; the plan is "
                                 f"damaged or replaced: run `glmtrt build --engines {self.folder}` again")
-        if verify and plan.get("sha256") and _sha256(path) != plan["sha256"]:
+        if verify and plan.get("sha256") and sha256_file(path) != plan["sha256"]:
             raise ManifestError(f"{str(path)!r} does not match its SHA-256 in the manifest; the plan is damaged or "
                                 f"replaced: run `glmtrt build --engines {self.folder}` again")
         self._logger.messages.clear()
@@ -450,6 +443,14 @@ def _check_request(backend: TrtBackend, batch: int, capacity: int) -> None:
                           "`glmtrt build --max-context`")
 
 
+def _check_capacity(state, inputs_embeds: np.ndarray, new_length: int) -> None:
+    """A decode state's guard: the batch it was made for, and room in its KV cache."""
+    if inputs_embeds.shape[0] != state.batch:
+        raise ValueError(f"batch {inputs_embeds.shape[0]} != the state's {state.batch}")
+    if new_length > state.capacity:
+        raise ValueError(f"the KV cache would hold {new_length} positions, its capacity is {state.capacity}")
+
+
 class TrtFixedCapacityState(DecodeState):
     """A "fixed-capacity" folder (manifest ``extra.kv_cache.mode``): one zeroed device buffer
     (batch, kv_heads, capacity, head_dim) per cache tensor, bound in place as the decode engine's past, with a
@@ -503,11 +504,7 @@ class TrtFixedCapacityState(DecodeState):
         self.length = p + 1
         return result["logits"]
 
-    def _check(self, inputs_embeds: np.ndarray, new_length: int) -> None:
-        if inputs_embeds.shape[0] != self.batch:
-            raise ValueError(f"batch {inputs_embeds.shape[0]} != the state's {self.batch}")
-        if new_length > self.capacity:
-            raise ValueError(f"the KV cache would hold {new_length} positions, its capacity is {self.capacity}")
+    _check = _check_capacity
 
     def close(self) -> None:
         for buf in self.buffers:
@@ -552,11 +549,7 @@ class TrtConcatState(DecodeState):
         self.side, self.length = write, self.length + 1
         return result["logits"]
 
-    def _check(self, inputs_embeds: np.ndarray, new_length: int) -> None:
-        if inputs_embeds.shape[0] != self.batch:
-            raise ValueError(f"batch {inputs_embeds.shape[0]} != the state's {self.batch}")
-        if new_length > self.capacity:
-            raise ValueError(f"the KV cache would hold {new_length} positions, its capacity is {self.capacity}")
+    _check = _check_capacity
 
     def close(self) -> None:
         for pair in self._arenas:
