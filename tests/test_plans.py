@@ -224,26 +224,3 @@ def test_accuracy_cli_table_and_json(plan, exported, tmp_path):
     fp32 = reports[0]["summary"]
     assert fp32["teacher_forced_top1"] == 1.0 and fp32["greedy_identical_cases"] == fp32["cases"] == 5
     assert fp32["teacher_forced_steps"] == 10 and fp32["teacher_forced_mean_kl"] < 1e-10
-
-
-def test_ocr_cer_hook_compares_plan_and_fp32_reference(plan, tmp_path):
-    """The CER hook end to end on a stand-in checkpoint (the tiny-glm-ocr preset's weights with its tokenizer and
-    preprocessing): the plan read through the runtime and the fp32 reference, same prompt and lines."""
-    pytest.importorskip("glmtrt.reference.eval_ocr")
-    import shutil
-
-    from glmtrt.export.accuracy import ocr_cer, run_accuracy
-    from glmtrt.export.parity import builtin_cases
-    from glmtrt.reference import save_preset_checkpoint
-
-    engines = plan("tiny-glm-ocr", "fp16")
-    manifest = Manifest.load(engines)
-    folder = save_preset_checkpoint("tiny-glm-ocr", tmp_path / "ocr-model")
-    shutil.copyfile(engines / manifest.tokenizer, folder / "tokenizer.json")
-    (folder / "preprocessor_config.json").write_text(json.dumps(manifest.preprocessing))
-    (folder / "generation_config.json").write_text(json.dumps({"max_new_tokens": 6}))
-    cer = ocr_cer(engines, folder, lines=3, threads=1)
-    assert cer["lines"] == 3 and 0.0 <= cer["cer_plan"] and 0.0 <= cer["cer_fp32"]
-    assert cer["cer_delta_points"] == pytest.approx(100 * (cer["cer_plan"] - cer["cer_fp32"]))
-    report = run_accuracy(engines, folder, steps=2, cases=builtin_cases()[:1], threads=1, ocr=True, ocr_lines=2)
-    assert report["ocr"]["lines"] == 2 and "cer_plan" in report["ocr"]
