@@ -165,9 +165,15 @@ def format_accuracy(reports: list[dict[str, Any]]) -> str:
 
 
 def accuracy_command(args) -> int:
-    reports = [run_accuracy(folder, args.model, steps=args.steps, threads=args.threads, provider=args.provider,
-                            ocr=False if args.no_ocr else None, ocr_lines=args.ocr_lines)
-               for folder in args.engines]
+    import gc
+
+    reports = []
+    for folder in args.engines:
+        reports.append(run_accuracy(folder, args.model, steps=args.steps, threads=args.threads, provider=args.provider,
+                                    ocr=False if args.no_ocr else None, ocr_lines=args.ocr_lines))
+        gc.collect()  # the reference and the sessions of a real-size model are gigabytes: free them between folders
+        if args.json and len(args.engines) > 1:  # keep what is done if a long run is stopped
+            Path(args.json).write_text(json.dumps(reports, indent=2) + "\n")
     print(format_accuracy(reports))
     if args.json:
         Path(args.json).write_text(json.dumps(reports if len(reports) > 1 else reports[0], indent=2) + "\n")

@@ -242,9 +242,11 @@ def _hf_model(preset: str, dtype):
         from transformers.initialization import no_init_weights
     except ImportError:  # older transformers
         from transformers.modeling_utils import no_init_weights
-    with no_init_weights():  # skip the random init: every weight is overwritten next
+    with no_init_weights():  # skip the random init: every weight is replaced next
         model = getattr(transformers, model_name)(config)
-    model.load_state_dict(reference.state_dict(), strict=True)
+    # assign: the model takes the reference's tensors (identical keys), so the weights are never held twice
+    # (the untouched empty parameters are freed without ever becoming resident).
+    model.load_state_dict(reference.state_dict(), strict=True, assign=True)
     del reference
     if hasattr(model.config, "experts_implementation"):
         model.config.experts_implementation = "eager"
@@ -451,22 +453,28 @@ def _brief(run: dict) -> str:
 
 
 def _sweep(spec: dict, step_fn, memory: PeakMemory, log) -> list[dict]:
-    """Per-step decode time over a synthetic past of each ``spec["contexts"]`` length (one warm-up step first)."""
-    rows = []
-    for length in spec["contexts"]:
-        memory.reset()
-        step = step_fn(length)
+    """Per-step decode time over a synthetic past of each ``spec["contexts"]`` length: one warm-up step each, then
+    the contexts take turns step by step (round robin), so a machine's changing load falls on all of them alike."""
+    if not spec["contexts"]:
+        return []
+    memory.reset()
+    steps = {length: step_fn(length) for length in spec["contexts"]}
+    for step in steps.values():
         step(0)
-        times = []
-        for i in range(1, spec["context_steps"] + 1):
+    times: dict[int, list[float]] = {length: [] for length in steps}
+    for i in range(1, spec["context_steps"] + 1):
+        for length, step in steps.items():
             t0 = time.perf_counter()
             step(i)
-            times.append(time.perf_counter() - t0)
-        del step
-        ms = statistics.median(times) * 1e3
-        rows.append({"context": length, "step_ms": ms, "tokens_per_s": 1e3 / ms, "steps": len(times),
-                     "peak_gib": memory.peak_gib()})
-        log(f"context {length}: {ms:.1f} ms/step")
+            times[length].append(time.perf_counter() - t0)
+    peak = memory.peak_gib()
+    rows = []
+    for length, ts in times.items():
+        ms = statistics.median(ts) * 1e3
+        rows.append({"context": length, "step_ms": ms, "tokens_per_s": 1e3 / ms, "steps": len(ts),
+                     "min_ms": min(ts) * 1e3})
+        log(f"context {length}: {ms:.1f} ms/step (min {min(ts) * 1e3:.1f})")
+    rows[0]["peak_gib_all_contexts"] = peak
     return rows
 
 
@@ -497,7 +505,8 @@ def worker_main(spec_path: str, out_path: str) -> int:
 
 def machine_info(threads: int) -> dict[str, Any]:
     info: dict[str, Any] = {"threads": threads, "cpus_visible": len(os.sched_getaffinity(0)),
-                            "platform": platform.platform(), "python": platform.python_version()}
+                            "platform": platform.platform(), "python": platform.python_version(),
+                            "loadavg": list(os.getloadavg())}
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
         model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
@@ -628,6 +637,7 @@ def run_bench(args, log=None) -> dict[str, Any]:
     from glmtrt.reference.config import preset as preset_config
 
     config = preset_config(preset)
+    load_before = list(os.getloadavg())
     started = time.perf_counter()
     rows = []
     for job in jobs:
@@ -637,11 +647,14 @@ def run_bench(args, log=None) -> dict[str, Any]:
         else:
             row.update(_run_worker({**spec_base, **job}, log))
         rows.append(row)
+    machine = machine_info(args.threads)
+    machine.pop("loadavg")
+    machine["loadavg_before"], machine["loadavg_after"] = load_before, list(os.getloadavg())  # other work skews timings
     report = {
         "glmtrt_version": library_versions()["glmtrt"],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": "glmtrt " + " ".join(args.argv) if getattr(args, "argv", None) is not None else None,
-        "machine": machine_info(args.threads),
+        "machine": machine,
         "libraries": library_versions(),
         "workload": {"preset": preset, "parameters": _parameter_count(config), "image_size": [args.image_size] * 2,
                      "prompt": args.prompt, "new_tokens": args.new_tokens, "repeats": args.repeats,
@@ -781,7 +794,8 @@ def format_table(report: dict) -> str:
     lines = [f"glmtrt bench: {w['preset']} ({_count(w['parameters'])} parameters, random weights), "
              f"{w['image_size'][0]}x{w['image_size'][1]} image -> {w.get('patches', '?')} patches, "
              f"{w.get('prompt_tokens', '?')} prompt tokens, {w['new_tokens']} new tokens; median of {w['repeats']}",
-             f"{m.get('cpu_model', '?')} ({', '.join(m.get('cpu_flags', []))}); {m['threads']} threads; "
+             f"{m.get('cpu_model', '?')} ({', '.join(m.get('cpu_flags', []))}); {m['threads']} threads; load average "
+             f"{m['loadavg_before'][0]:.1f} -> {m['loadavg_after'][0]:.1f}; "
              + ", ".join(f"{k} {v}" for k, v in report["libraries"].items() if v and k in ("torch", "transformers", "onnxruntime")),
              "",
              "| road | preprocess s | vision s | prefill s | prefill tok/s | TTFT s | decode tok/s "

@@ -10,7 +10,7 @@ named outputs, so each graph computes exactly the reference stage it replaces.
 * ``prefill`` ``inputs_embeds``, ``position_ids`` (3, B, S), ``attention_mask`` (B, S) -> last-position
   ``logits`` and ``present.{i}.key|value``.
 * ``decode``  one token per sample over a fixed-capacity cache: ``past_key_values.{i}.key|value``
-  (batch, kv_heads, capacity, head_dim) are the runtime's own preallocated buffers and ``attention_mask``
+  (batch, kv_heads, head_dim, capacity) are the runtime's own preallocated buffers and ``attention_mask``
   (batch, capacity) marks their valid slots; the outputs are ``logits`` and only the new token's
   ``present.{i}.key|value`` (batch, kv_heads, 1, head_dim), which the runtime writes into slot P (the past
   length) of its buffers. See :class:`DecodeGraph` for why, and ``KV_CACHE`` for the manifest record.
@@ -106,47 +106,63 @@ class PrefillGraph(nn.Module):
 
 # The manifest record of the decode graph's cache contract (``extra.kv_cache``); folders without it predate it
 # and use the "concat" contract (past (batch, kv_heads, past, head_dim) in, the whole grown cache out).
+# ``layout``: the buffers' axis order; "bhdc" (keys and values stored transposed, capacity last) is what this
+# export writes; "bhcd" ((batch, kv_heads, capacity, head_dim), the first fixed-capacity exports: a record
+# without "layout") is still read by the runtime.
 KV_CACHE = {
     "mode": "fixed-capacity",
+    "layout": "bhdc",
     "capacity_dim": "capacity",
-    "past": "past_key_values.{i}.key|value (batch, kv_heads, capacity, head_dim): the runtime's buffers",
+    "past": "past_key_values.{i}.key|value (batch, kv_heads, head_dim, capacity): the runtime's buffers, keys and "
+            "values both stored transposed",
     "attention_mask": "(batch, capacity): 1 for a valid past slot, 0 for padding and unwritten slots",
     "present": "present.{i}.key|value (batch, kv_heads, 1, head_dim): the new token only; the runtime writes it "
-               "into slot P (the past length, shared by all rows) before the next step",
+               "into slot P (the past length, shared by all rows) of its buffers, i.e. buffer[:, :, :, P]",
+    "prefill": "prefill's present.{i}.* (batch, kv_heads, seq, head_dim) go to buffer[:, :, :, :seq] transposed, "
+               "once per generation",
     "unwritten_slots": "must hold finite values (zeros): they are masked, but 0 * NaN would still poison the sum",
 }
 
 
-def split_softmax_attention(q, k_new, v_new, past_key, past_value, valid, scale: float) -> torch.Tensor:
+def split_softmax_attention(q, k_new, v_new, past_key, past_value, valid, scale: float,
+                            capacity_last: bool = True) -> torch.Tensor:
     """One query per row over a cache plus the new key, without concatenating the cache or repeating K/V.
 
     q: (B, kv_heads, groups, D) (query head h = kv_head * groups + group, the reference's repeat_interleave
-    order); k_new, v_new: (B, kv_heads, 1, D); past_key, past_value: (B, kv_heads, C, D); valid: bool
-    broadcastable to (B, 1, 1, C). The scores against the cache (masked like the reference, with finfo.min)
-    and against the new key are concatenated (C + 1 per query head: tiny), scaled, softmax in fp32 and cast
-    back as in the reference, then the weighted sum reads V once: ``probs[:C] @ V + probs[C] * v_new``.
-    Returns (B, 1, heads * D).
+    order); k_new, v_new: (B, kv_heads, 1, D); past_key, past_value: (B, kv_heads, D, C), the cache stored
+    transposed; valid: bool broadcastable to (B, 1, 1, C). The scores against the cache (masked like the
+    reference, with finfo.min) and against the new key are concatenated (C + 1 per query head: tiny), scaled,
+    softmax in fp32 and cast back as in the reference, then the weighted sum reads V once:
+    ``probs[:C] @ V + probs[C] * v_new``. Returns (B, 1, heads * D).
 
-    Shaped for ONNX Runtime's CPU kernels (measured; see export/bench.py): each query head is its own
-    one-row product against its KV head's cache, (B, kv_heads, groups, 1, D) x (B, kv_heads, 1, D, C), the cache
-    broadcast over the groups, not copied; one-row products take MLAS' GEMV path, several times faster than a
-    (groups x D) block at long context. The scale multiplies after the mask (as in the reference, scores are
-    ``(q k) * scale`` for valid slots), not on a MatMul's input or output, where ONNX Runtime would fold it
-    into the product's alpha, which leaves that GEMV path.
+    Shaped for ONNX Runtime's CPU kernels (measured with real-size GLM-OCR; see export/bench.py):
+    * each query head is its own one-row product against its KV head's cache, the cache broadcast over the
+      groups, not copied: one-row products take MLAS' GEMV kernels, several times faster than a (groups x D)
+      block, which MLAS packs;
+    * the cache is stored (D, C), so both products run along the long capacity axis: the scores are
+      q (1 x D) @ K^T (D x C) and the output is probs (1 x C) against V^T's rows of length C; against a (C, D)
+      cache the same kernels walk rows of 128 and a step at 4k context cost about twice as much;
+    * the scale multiplies after the mask (for valid slots the scores are ``(q k) * scale``, as in the
+      reference), not a MatMul's input or output, where ONNX Runtime would fold it into the product's alpha,
+      which leaves the GEMV kernels.
+
+    ``capacity_last=False`` takes (B, kv_heads, C, D) caches (the "bhcd" layout of the first exports).
     """
     b, kv_heads, groups, d = q.shape
     q = q.unsqueeze(3)  # (B, KVH, G, 1, D)
-    scores = torch.matmul(q, past_key.unsqueeze(2).transpose(-1, -2))  # (B, KVH, G, 1, C): reads K once
+    keys_t = past_key.unsqueeze(2) if capacity_last else past_key.unsqueeze(2).transpose(-1, -2)  # (B, KVH, 1, D, C)
+    values = past_value.unsqueeze(2).transpose(-1, -2) if capacity_last else past_value.unsqueeze(2)  # (.., C, D)
+    scores = torch.matmul(q, keys_t)  # (B, KVH, G, 1, C): reads K once
     scores = torch.where(valid.unsqueeze(2), scores, torch.finfo(scores.dtype).min)
     own = torch.matmul(q, k_new.unsqueeze(2).transpose(-1, -2))  # (B, KVH, G, 1, 1)
     scores = torch.cat([scores, own], dim=-1) * scale
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(probs[..., :-1], past_value.unsqueeze(2))  # (B, KVH, G, 1, D): reads V once
+    out = torch.matmul(probs[..., :-1], values)  # (B, KVH, G, 1, D): reads V once
     out = out + probs[..., -1:] * v_new.unsqueeze(2)
     return out.reshape(b, 1, kv_heads * groups * d)
 
 
-def _decode_attention(attn, x, cos, sin, valid, past_key, past_value):
+def _decode_attention(attn, x, cos, sin, valid, past_key, past_value, capacity_last: bool = True):
     """``TextAttention.forward`` for one token over a fixed-capacity cache: same projections and rotary."""
     c = attn.config
     b = x.shape[0]
@@ -156,7 +172,7 @@ def _decode_attention(attn, x, cos, sin, valid, past_key, past_value):
     q = apply_rotary(attn.q_proj(x).view(b, c.num_kv_heads, groups, c.head_dim), cos, sin, c.rope_interleaved)
     k = apply_rotary(attn.k_proj(x).view(b, c.num_kv_heads, 1, c.head_dim), cos, sin, c.rope_interleaved)
     v = attn.v_proj(x).view(b, c.num_kv_heads, 1, c.head_dim)
-    out = split_softmax_attention(q, k, v, past_key, past_value, valid, c.head_dim**-0.5)
+    out = split_softmax_attention(q, k, v, past_key, past_value, valid, c.head_dim**-0.5, capacity_last)
     return attn.o_proj(out), k, v
 
 
@@ -170,9 +186,10 @@ class DecodeGraph(nn.Module):
     runtime allocates (prompt + new tokens), not a global maximum.
     """
 
-    def __init__(self, model: GlmModel):
+    def __init__(self, model: GlmModel, layout: str = "bhdc"):
         super().__init__()
         self.model = model
+        self.capacity_last = layout == "bhdc"
 
     def forward(self, inputs_embeds, position_ids, attention_mask, past_key_values: list[torch.Tensor]):
         text = self.model.model.language_model
@@ -182,7 +199,7 @@ class DecodeGraph(nn.Module):
         keys, values = [], []
         for i, layer in enumerate(text.layers):  # DecoderLayer.forward with the attention above
             attn, key, value = _decode_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, valid,
-                                                 past_key_values[2 * i], past_key_values[2 * i + 1])
+                                                 past_key_values[2 * i], past_key_values[2 * i + 1], self.capacity_last)
             if layer.sandwich:
                 attn = layer.post_self_attn_layernorm(attn)
             x = x + attn
@@ -279,12 +296,14 @@ def prefill_graph(model: GlmModel) -> GraphDef:
     )
 
 
-def decode_graph(model: GlmModel, kv_cache: str = "fixed-capacity") -> GraphDef:
-    """The decode graph: ``kv_cache`` "fixed-capacity" (the contract of ``KV_CACHE``) or "concat" (the earlier one)."""
+def decode_graph(model: GlmModel, kv_cache: str = "fixed-capacity", layout: str = "bhdc") -> GraphDef:
+    """The decode graph: ``kv_cache`` "fixed-capacity" (the contract of ``KV_CACHE``) or "concat" (the earlier
+    one); ``layout`` "bhdc" (what glmtrt exports) or "bhcd" (the first fixed-capacity exports, for tests)."""
     if kv_cache == "concat":
         return _concat_decode_graph(model)
-    if kv_cache != KV_CACHE["mode"]:
-        raise ValueError(f"unknown kv_cache {kv_cache!r}")
+    if kv_cache != KV_CACHE["mode"] or layout not in ("bhdc", "bhcd"):
+        raise ValueError(f"unknown kv_cache {kv_cache!r} / layout {layout!r}")
+    cap_axis = 3 if layout == "bhdc" else 2
     t = model.config.text
     names = ["inputs_embeds", "position_ids", "attention_mask"]
     shapes: list[Shape] = [["batch", 1, t.hidden_size], [3, "batch", 1], ["batch", "capacity"]]
@@ -296,19 +315,22 @@ def decode_graph(model: GlmModel, kv_cache: str = "fixed-capacity") -> GraphDef:
     mask[:, :_EXAMPLE_PAST] = 1
     mask[0, :2] = 0  # left padding in the first sample; slots from _EXAMPLE_PAST on are unwritten
     gen = torch.Generator().manual_seed(1)
-    past_args = [torch.randn(_EXAMPLE_BATCH, t.num_kv_heads, _EXAMPLE_CAPACITY, t.head_dim, generator=gen)
-                 for _ in past_names]
+    past_shape: list = ["batch", t.num_kv_heads, t.head_dim, "capacity"]
+    if cap_axis == 2:
+        past_shape[2:] = ["capacity", t.head_dim]
+    past_args = [torch.randn(*[_EXAMPLE_BATCH if d == "batch" else _EXAMPLE_CAPACITY if d == "capacity" else d
+                               for d in past_shape], generator=gen) for _ in past_names]
     return GraphDef(
-        name="decode", module=DecodeGraph(model),
+        name="decode", module=DecodeGraph(model, layout),
         input_names=names + past_names,
-        input_shapes=shapes + [["batch", t.num_kv_heads, "capacity", t.head_dim]] * len(past_names),
+        input_shapes=shapes + [past_shape] * len(past_names),
         input_dtypes=["float32", "int64", "int64"] + ["float32"] * len(past_names),
         output_names=outputs,
         output_shapes=[["batch", t.lm_head_size]] + [["batch", t.num_kv_heads, 1, t.head_dim]] * len(past_names),
         output_dtypes=["float32"] * len(outputs),
         example_args=(embeds, positions, mask, past_args),
-        dynamic_shapes=({0: batch}, {1: batch}, {0: batch, 1: capacity}, [{0: batch, 2: capacity}] * len(past_names)),
-        kv_cache=dict(KV_CACHE),
+        dynamic_shapes=({0: batch}, {1: batch}, {0: batch, 1: capacity}, [{0: batch, cap_axis: capacity}] * len(past_names)),
+        kv_cache={**KV_CACHE, "layout": layout},
     )
 
 
@@ -331,6 +353,6 @@ def _concat_decode_graph(model: GlmModel) -> GraphDef:
     )
 
 
-def graph_definitions(model: GlmModel, kv_cache: str = "fixed-capacity") -> list[GraphDef]:
+def graph_definitions(model: GlmModel, kv_cache: str = "fixed-capacity", layout: str = "bhdc") -> list[GraphDef]:
     """The graphs of a GLM-4V-family model, in export order: vision, prefill, decode."""
-    return [vision_graph(model), prefill_graph(model), decode_graph(model, kv_cache)]
+    return [vision_graph(model), prefill_graph(model), decode_graph(model, kv_cache, layout)]

@@ -269,7 +269,10 @@ def run_parity(engines: str | Path, model: str | Path | None = None, cases: list
     if json.loads(json.dumps(reference.config.to_dict())) != pipe.manifest.config:
         raise GlmTrtError(f"the model {str(source)!r} has another config than {str(engines)!r}; pass the model it was "
                           "exported from with --model")
-    reports = [_case_report(pipe, reference, case, steps) for case in (cases or builtin_cases())]
+    try:
+        reports = [_case_report(pipe, reference, case, steps) for case in (cases or builtin_cases())]
+    finally:
+        pipe.close()  # a real-size folder holds gigabytes of sessions: release them before the next report
     precision = pipe.manifest.precision
     cases_out = [asdict(r) for r in reports]
     bounds, passed = check_bounds(precision, cases_out, bool(pipe.manifest.extra.get("random_weights")))

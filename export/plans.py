@@ -86,6 +86,9 @@ class PlanOptions:
     calibration_decode_samples: int = 4  # decode feeds kept per case (each holds the whole past cache)
     calibrate_method: str = "MinMax"  # onnxruntime CalibrationMethod name
     int8_lm_head: bool = True  # quantize lm_head in the int8 plan
+    # What the int8 plan's unquantized layers compute in: "fp16" (the fp16 plan, islands included; Q/DQ scales fp16)
+    # or "fp32" (the quantizer's output as is: fp32 graph, fp32 scales), for a TensorRT that refuses fp16 scales.
+    int8_base: str = "fp16"
     int4_block_size: int = 32
     int4_accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (fastest on x86), 0 = fp32
     vision_min_cosine: float = VISION_MIN_COSINE
@@ -549,6 +552,8 @@ def _build_int8(src: Path, manifest: Manifest, out: Path, options: PlanOptions, 
         log(f"{'calibrate':9s} {time.perf_counter() - t0:6.1f} s  " + ", ".join(f"{len(v)} {k}" for k, v in feeds.items())
             + " inputs (fp32 graphs, the runtime's preprocessing and prompts)")
     method = getattr(CalibrationMethod, options.calibrate_method)
+    if options.int8_base not in ("fp16", "fp32"):
+        raise GlmTrtError(f"int8 base {options.int8_base!r} is not fp16 or fp32")
     info = {}
     with tempfile.TemporaryDirectory(prefix="glmtrt-int8-") as work:
         for role, spec in manifest.graphs.items():
@@ -571,8 +576,10 @@ def _build_int8(src: Path, manifest: Manifest, out: Path, options: PlanOptions, 
             # The quantizer's file lacks some intermediate types; infer them (by path: external data stays put).
             onnx.shape_inference.infer_shapes_path(str(quantized), str(quantized))
             model = ir.load(str(quantized))
-            half, fp32 = _half_io(spec)
-            summary = convert_fp16(model, role, half, fp32)
+            summary = {"base": options.int8_base}
+            if options.int8_base == "fp16":
+                half, fp32 = _half_io(spec)
+                summary.update(convert_fp16(model, role, half, fp32))
             _save(model, out / spec.file)
             scales = [float(np.abs(v.const_value.numpy()).min()) for n in model.graph for i, v in enumerate(n.inputs)
                       if n.op_type in _QDQ and i == 1 and v is not None and v.const_value is not None]
@@ -827,6 +834,8 @@ def quantize_command(args) -> int:
     options = PlanOptions(threads=args.threads)
     if args.calibration_steps is not None:
         options.calibration_decode_steps = args.calibration_steps
+    if getattr(args, "int8_base", None):
+        options.int8_base = args.int8_base
     result = derive_plan(args.engines, args.out, args.precision, force=args.force, options=options,
                          log=None if args.quiet else log)
     per_graph = ", ".join(f"{role} {g['precision']}" for role, g in result.graphs.items())

@@ -122,6 +122,8 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing folder at --out (once the new one is complete)")
     p.add_argument("--calibration-steps", type=int, default=None, metavar="N",
                    help="int8: greedy decode steps per calibration case (default: 16)")
+    p.add_argument("--int8-base", choices=("fp16", "fp32"), default=None,
+                   help="int8: precision of the unquantized layers (default: fp16, the fp16 plan with Q/DQ added)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="ONNX Runtime intra-op threads")
     p.add_argument("--quiet", action="store_true", help="print only the result")
 

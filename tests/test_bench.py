@@ -214,18 +214,43 @@ def test_kv_cache_mode_is_checked(exported, tmp_path):
         KVLayout(Manifest.load(_edit_manifest(folder, tmp_path / "b", dropped)))
 
 
-@pytest.fixture(scope="module")
-def concat_folder(tmp_path_factory):
-    """tiny-glm-ocr exported with the earlier decode contract (past in, whole cache out; no extra.kv_cache)."""
+def _export_with(tmp_path_factory, name: str, **graph_options):
     from glmtrt.export import export_model, graphs
 
     original = graphs.graph_definitions
-    graphs.graph_definitions = lambda model: original(model, kv_cache="concat")
+    graphs.graph_definitions = lambda model: original(model, **graph_options)
     try:
-        folder = export_model("tiny-glm-ocr", tmp_path_factory.mktemp("concat") / "ocr", progress=False)
+        return export_model("tiny-glm-ocr", tmp_path_factory.mktemp(name) / "ocr", progress=False)
     finally:
         graphs.graph_definitions = original
-    return folder
+
+
+@pytest.fixture(scope="module")
+def concat_folder(tmp_path_factory):
+    """tiny-glm-ocr exported with the earlier decode contract (past in, whole cache out; no extra.kv_cache)."""
+    return _export_with(tmp_path_factory, "concat", kv_cache="concat")
+
+
+def test_fixed_capacity_folder_of_the_first_layout_still_runs(tmp_path_factory, ocr_pipe, tmp_path):
+    """The first fixed-capacity exports kept (batch, kv_heads, capacity, head_dim) buffers and wrote no "layout":
+    read as "bhcd", they give the logits of today's (batch, kv_heads, head_dim, capacity) folders."""
+    from glmtrt.runtime.backends import HostKVState
+    from glmtrt.runtime.pipeline import Pipeline
+
+    folder = _export_with(tmp_path_factory, "bhcd", layout="bhcd")
+
+    def drop_layout(raw):
+        del raw["extra"]["kv_cache"]["layout"]
+
+    pipe = Pipeline.from_engines(_edit_manifest(folder, tmp_path, drop_layout))
+    kv = pipe.backend.kv
+    assert kv.mode == "fixed-capacity" and kv.layout == "bhcd" and kv.buffer_shape(1, 9) == (1, 2, 9, 16)
+    assert ocr_pipe.backend.kv.layout == "bhdc" and ocr_pipe.backend.kv.buffer_shape(1, 9) == (1, 2, 16, 9)
+    ids, vision = _inputs(pipe, seed=7)
+    steps = 6
+    want = _decode_logits(ocr_pipe, ocr_pipe.backend.start_decode(1, len(ids) + steps), ids, vision, steps)
+    for state in (pipe.backend.start_decode(1, len(ids) + steps), HostKVState(pipe.backend, kv)):
+        assert np.abs(_decode_logits(pipe, state, ids, vision, steps) - want).max() <= 1e-5
 
 
 def test_folder_of_the_concat_contract_still_runs(concat_folder, ocr_pipe):

@@ -96,17 +96,18 @@ def test_prefill_and_decode_graphs_match_reference(exported, name, batch, seq):
     assert len(got) == 1 + 2 * layers
     assert max(max_abs(g, w) for g, w in zip(got, want)) <= TOL
 
-    # Decode over a fixed-capacity cache: buffers of seq + 4 slots; unwritten slots hold finite noise (the mask,
-    # not their contents, must keep them out). Step 0 reads the reference prefill's cache, step 1 the graph's own
-    # prefill cache plus the slot the graph returned at step 0; each against the reference's decode_step.
+    # Decode over a fixed-capacity cache: buffers (batch, kv_heads, head_dim, capacity) of seq + 4 slots; unwritten
+    # slots hold finite noise (the mask, not their contents, must keep them out). Step 0 reads the reference
+    # prefill's cache, step 1 the graph's own prefill cache plus the slot the graph returned at step 0; each
+    # against the reference's decode_step.
     capacity = seq + 4
     rng = np.random.default_rng(seq)
     t = model.config.text
     buffers = {"ref": [], "ort": []}
     for road, cache in (("ref", want[1:]), ("ort", got[1:])):
         for tensor in cache:
-            buf = rng.standard_normal((batch, t.num_kv_heads, capacity, t.head_dim)).astype(np.float32)
-            buf[:, :, :seq] = tensor
+            buf = rng.standard_normal((batch, t.num_kv_heads, t.head_dim, capacity)).astype(np.float32)
+            buf[:, :, :, :seq] = tensor.transpose(0, 1, 3, 2)
             buffers[road].append(buf)
     past = [torch.from_numpy(w) for w in want[1:]]
     for step in range(2):
@@ -124,7 +125,7 @@ def test_prefill_and_decode_graphs_match_reference(exported, name, batch, seq):
         assert max(max_abs(g, w) for g, w in zip(got, want)) <= TOL
         for road, new in (("ref", want[1:]), ("ort", got[1:])):
             for buf, slot in zip(buffers[road], new):
-                buf[:, :, seq + step] = slot[:, :, 0]
+                buf[:, :, :, seq + step] = slot[:, :, 0]
         past = [torch.cat([p, torch.from_numpy(w)], dim=2) for p, w in zip(past, want[1:])]
 
 
@@ -151,7 +152,10 @@ def test_folder_is_standard_onnx_with_a_matching_manifest(exported, name):
         assert [vars(t) for t in spec.outputs] == real["outputs"], role
     dims = {d for spec in manifest.graphs.values() for t in spec.inputs + spec.outputs for d in t.shape if isinstance(d, str)}
     assert dims == {"batch", "seq", "capacity", "num_patches", "num_tokens"}
-    assert manifest.extra["kv_cache"]["mode"] == "fixed-capacity" and manifest.extra["kv_cache"]["capacity_dim"] == "capacity"
+    kv_cache = manifest.extra["kv_cache"]
+    assert kv_cache["mode"] == "fixed-capacity" and kv_cache["layout"] == "bhdc" and kv_cache["capacity_dim"] == "capacity"
+    t = model.config.text
+    assert manifest.graphs["decode"].inputs[3].shape == ["batch", t.num_kv_heads, t.head_dim, "capacity"]
     table = np.load(folder / manifest.embeddings["file"], mmap_mode="r")
     assert list(table.shape) == manifest.embeddings["shape"] and str(table.dtype) == manifest.embeddings["dtype"]
     assert np.array_equal(table, model.model.language_model.embed_tokens.weight.detach().numpy())

@@ -190,6 +190,20 @@ def test_runtime_generates_with_each_plan(plan, sample_image, precision):
         assert [len(r.token_ids) for r in batch] == [4, 4]
 
 
+def test_int8_over_fp32_base(exported, tmp_path):
+    """The fallback int8 plan: Q/DQ over the fp32 graph (fp32 scales and I/O), still TensorRT input."""
+    from glmtrt.export.plans import PlanOptions
+
+    folder = derive_plan(exported("tiny-glm-ocr"), tmp_path / "int8-fp32", "int8",
+                         options=PlanOptions(int8_base="fp32", calibration_decode_steps=4)).folder
+    manifest = Manifest.load(folder)
+    assert all(not findings for findings in lint_engines(folder).values())
+    assert _dtypes(manifest, "decode")["inputs_embeds"] == "float32" and manifest.embeddings["dtype"] == "float32"
+    assert manifest.plan["graphs"]["prefill"]["base"] == "fp32"
+    ops = [n.op_type for n in onnx.load(str(folder / "prefill.onnx")).graph.node]
+    assert ops.count("DequantizeLinear") > ops.count("QuantizeLinear") > 0
+
+
 def test_quantize_cli_and_refusals(plan, exported, tmp_path):
     fp32 = exported("tiny-glm-ocr")
     out = tmp_path / "cli-fp16"

@@ -27,6 +27,9 @@ PROVIDERS = ("cpu", "cuda", "tensorrt", "trt")
 
 
 KV_MODES = ("fixed-capacity", "concat")
+# Axis orders of fixed-capacity buffers: "bhdc" (batch, kv_heads, head_dim, capacity), what glmtrt exports; "bhcd"
+# (batch, kv_heads, capacity, head_dim), the first fixed-capacity exports (their record has no "layout").
+KV_LAYOUTS = {"bhdc": 3, "bhcd": 2}  # layout -> the capacity axis
 
 
 class KVLayout:
@@ -37,6 +40,8 @@ class KVLayout:
     ``mode`` is the manifest's ``extra.kv_cache.mode``: "fixed-capacity" (the decode graph reads the runtime's
     buffers of ``capacity`` slots, masked by ``attention_mask`` (batch, capacity), and returns only the new
     slot) or, for folders that predate that record, "concat" (past in, the whole grown cache out).
+    ``layout`` (fixed-capacity): the buffers' axis order, see ``KV_LAYOUTS``; :meth:`buffer_shape` and
+    :meth:`store` hide it from the decode states.
     """
 
     def __init__(self, manifest: Manifest):
@@ -58,15 +63,23 @@ class KVLayout:
         if self.mode not in KV_MODES:
             raise ManifestError(f"the manifest's KV cache mode {self.mode!r} is unknown to this glmtrt (it knows "
                                 f"{', '.join(KV_MODES)}); upgrade glmtrt or re-export the folder")
-        inputs = {t.name: t for t in decode.inputs}
-        past_len = inputs[self.past[0]].shape[2]
-        new_len = {t.name: t for t in decode.outputs}[self.present[0]].shape[2]
         fixed = self.mode == "fixed-capacity"
+        self.layout = record.get("layout", "bhcd") if fixed else "bhcd"
+        if self.layout not in KV_LAYOUTS:
+            raise ManifestError(f"the manifest's KV cache layout {self.layout!r} is unknown to this glmtrt (it knows "
+                                f"{', '.join(KV_LAYOUTS)}); upgrade glmtrt or re-export the folder")
+        self.capacity_axis = KV_LAYOUTS[self.layout]
+        inputs = {t.name: t for t in decode.inputs}
+        past_shape = list(inputs[self.past[0]].shape)
+        past_len = past_shape[self.capacity_axis]
+        new_len = {t.name: t for t in decode.outputs}[self.present[0]].shape[2]
         mask_len = inputs["attention_mask"].shape[-1] if "attention_mask" in inputs else None
-        if (new_len == 1) != fixed or (fixed and (not isinstance(past_len, str) or mask_len != past_len)):
-            raise ManifestError(f"the decode graph's cache shapes (past length {past_len!r}, present length "
-                                f"{new_len!r}, mask length {mask_len!r}) do not fit the manifest's KV cache mode "
-                                f"{self.mode!r}; re-export the folder")
+        other = past_shape[5 - self.capacity_axis]  # the head_dim axis
+        if (new_len == 1) != fixed or (fixed and (not isinstance(past_len, str) or mask_len != past_len
+                                                 or other != self.head_dim)):
+            raise ManifestError(f"the decode graph's cache shapes (past {past_shape}, present length {new_len!r}, mask "
+                                f"length {mask_len!r}) do not fit the manifest's KV cache mode {self.mode!r} "
+                                f"(layout {self.layout!r}); re-export the folder")
         self.mask_dtype = np.dtype(inputs["attention_mask"].dtype) if mask_len is not None else np.dtype(np.int64)
 
     @property
@@ -74,7 +87,22 @@ class KVLayout:
         return self.mode == "fixed-capacity"
 
     def shape(self, batch: int, length: int) -> tuple[int, int, int, int]:
+        """A present's shape (prefill and decode outputs, and "concat" pasts)."""
         return (batch, self.kv_heads, length, self.head_dim)
+
+    def buffer_shape(self, batch: int, capacity: int) -> tuple[int, int, int, int]:
+        """A fixed-capacity buffer's shape in the folder's layout."""
+        if self.capacity_axis == 3:
+            return (batch, self.kv_heads, self.head_dim, capacity)
+        return self.shape(batch, capacity)
+
+    def store(self, buffer: np.ndarray, present: np.ndarray, start: int) -> None:
+        """Write presents (B, kv_heads, n, head_dim) into slots start..start+n of a fixed-capacity buffer."""
+        n = present.shape[2]
+        if self.capacity_axis == 3:
+            buffer[:, :, :, start:start + n] = np.swapaxes(present, 2, 3)
+        else:
+            buffer[:, :, start:start + n] = present
 
 
 class DecodeState(ABC):
@@ -116,14 +144,15 @@ class HostKVState(DecodeState):
     """The portable decode state on ``Backend.run`` alone: the cache lives in host arrays.
 
     "concat" folders: the presents of one call are fed to the next. "fixed-capacity" folders: one zeroed
-    buffer (B, kv_heads, capacity, head_dim) per cache tensor, prefill's presents copied into its first slots,
-    each step's new slot written at the past length; without a ``capacity`` (or past it) the buffers grow.
+    buffer per cache tensor (``KVLayout.buffer_shape``), prefill's presents copied into its first slots, each
+    step's new slot written at the past length; without a ``capacity`` (or past it) the buffers grow.
     """
 
     def __init__(self, backend: Backend, layout: KVLayout, capacity: int | None = None):
         self.backend, self.layout = backend, layout
         self.capacity = capacity
         self.cache: dict[str, np.ndarray] = {}
+        self.buffers = False  # fixed-capacity: whether ``cache`` holds the buffers yet
         self.length = 0
 
     def _keep(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -134,6 +163,7 @@ class HostKVState(DecodeState):
         outputs = self.backend.run("prefill", {"inputs_embeds": inputs_embeds, "position_ids": position_ids,
                                                "attention_mask": attention_mask})
         logits = self._keep(outputs)
+        self.buffers = False
         self.length = int(np.shape(inputs_embeds)[1])
         if self.layout.fixed_capacity:
             self._grow(max(self.capacity or 0, self.length + 1))
@@ -141,19 +171,26 @@ class HostKVState(DecodeState):
 
     def load(self, past):
         self.cache = {name: np.asarray(a, dtype=self.layout.dtype) for name, a in zip(self.layout.past, past, strict=True)}
+        self.buffers = False
         self.length = int(self.cache[self.layout.past[0]].shape[2])
         if self.layout.fixed_capacity:
             self._grow(max(self.capacity or 0, self.length + 1))
 
     def _grow(self, capacity: int) -> None:
-        """Copy the cache into zeroed buffers of ``capacity`` slots (finite unwritten slots: see KV_CACHE)."""
+        """Copy the cache into zeroed buffers of ``capacity`` slots (finite unwritten slots: see KV_CACHE).
+        Before the first call the cache holds presents (B, kv_heads, P, head_dim); after it, buffers."""
         batch = next(iter(self.cache.values())).shape[0]
-        grown = {}
+        layout, grown = self.layout, {}
         for name, old in self.cache.items():
-            buf = np.zeros(self.layout.shape(batch, capacity), dtype=old.dtype)
-            buf[:, :, :self.length] = old[:, :, :self.length]
+            buf = np.zeros(layout.buffer_shape(batch, capacity), dtype=old.dtype)
+            if self.buffers:
+                index = [slice(None)] * 4
+                index[layout.capacity_axis] = slice(0, self.length)
+                buf[tuple(index)] = old[tuple(index)]
+            else:
+                layout.store(buf, old[:, :, :self.length], 0)
             grown[name] = buf
-        self.cache, self.capacity = grown, capacity
+        self.cache, self.capacity, self.buffers = grown, capacity, True
 
     def step(self, inputs_embeds, position_ids, attention_mask):
         inputs = {"inputs_embeds": inputs_embeds, "position_ids": position_ids, "attention_mask": attention_mask}
@@ -166,7 +203,7 @@ class HostKVState(DecodeState):
         mask[:, :p] = np.asarray(attention_mask)[:, :p]
         outputs = self.backend.run("decode", {**inputs, "attention_mask": mask, **self.cache})
         for present, past in zip(self.layout.present, self.layout.past):
-            self.cache[past][:, :, p] = outputs[present][:, :, 0]
+            self.layout.store(self.cache[past], outputs[present], p)
         self.length = p + 1
         return outputs["logits"]
 

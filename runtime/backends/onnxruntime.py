@@ -3,12 +3,13 @@
 The KV cache never round-trips through Python objects between steps. Two decode contracts (the manifest's
 ``extra.kv_cache.mode``, see ``glmtrt.export.graphs.KV_CACHE``):
 
-* "fixed-capacity" (:class:`OrtFixedCapacityState`): one zeroed buffer (batch, kv_heads, capacity, head_dim)
-  per cache tensor, allocated once per generation (capacity = prompt + new tokens) and bound once as an input
-  of the decode session, together with a (batch, capacity) slot mask; on the CPU the bindings are OrtValues
-  over the numpy buffers themselves, so no step copies the cache. Prefill's presents are copied into the first
-  slots once; each step's graph returns only the new token's K/V (bound to small preallocated arrays), which
-  the host writes into slot P. A step's cost is one read of the cache and the weights.
+* "fixed-capacity" (:class:`OrtFixedCapacityState`): one zeroed buffer per cache tensor, (batch, kv_heads,
+  head_dim, capacity) (or, for the first such exports, (batch, kv_heads, capacity, head_dim): ``KVLayout``),
+  allocated once per generation (capacity = prompt + new tokens) and bound once as an input of the decode
+  session, together with a (batch, capacity) slot mask; on the CPU the bindings are OrtValues over the numpy
+  buffers themselves, so no step copies the cache. Prefill's presents are copied into the first slots once;
+  each step's graph returns only the new token's K/V (bound to small preallocated arrays), which the host
+  writes into slot P. A step's cost is one read of the cache and the weights.
 * "concat" (:class:`OrtConcatState`, folders exported before that contract): two flat arenas per cache tensor
   of ``batch * kv_heads * capacity * head_dim`` elements; decode step s reads its past from one arena and
   writes the grown present into the other (ping-pong), each bound by pointer with that step's shape.
@@ -132,7 +133,7 @@ class OrtFixedCapacityState(DecodeState):
         kv = self.kv = backend.kv
         manifest = backend.manifest
         # Zeros, not np.empty: unwritten slots are masked, but their V rows still meet a 0 weight (0 * NaN = NaN).
-        self.buffers = [np.zeros(kv.shape(self.batch, self.capacity), dtype=kv.dtype) for _ in kv.past]
+        self.buffers = [np.zeros(kv.buffer_shape(self.batch, self.capacity), dtype=kv.dtype) for _ in kv.past]
         self.mask = np.zeros((self.batch, self.capacity), dtype=kv.mask_dtype)
         decode_outputs = {t.name: t for t in manifest.graphs["decode"].outputs}
         self.new_slots = [np.empty(kv.shape(self.batch, 1), dtype=np.dtype(decode_outputs[n].dtype)) for n in kv.present]
@@ -157,7 +158,7 @@ class OrtFixedCapacityState(DecodeState):
         outputs = backend.sessions["prefill"].run(names, backend.cast_inputs(
             "prefill", {"inputs_embeds": inputs_embeds, "position_ids": position_ids, "attention_mask": attention_mask}))
         for buf, present in zip(self.buffers, outputs[1:]):
-            buf[:, :, :length] = present  # once per generation
+            self.kv.store(buf, present, 0)  # once per generation
         self.length = length
         np.copyto(self.logits, outputs[0])
         return self.logits
@@ -169,7 +170,7 @@ class OrtFixedCapacityState(DecodeState):
         length = int(past[0].shape[2])
         self._check(np.empty((past[0].shape[0], 0)), length + 1)
         for buf, array in zip(self.buffers, past):
-            buf[:, :, :length] = array
+            self.kv.store(buf, np.asarray(array), 0)
         self.length = length
 
     def step(self, inputs_embeds, position_ids, attention_mask):
@@ -184,7 +185,7 @@ class OrtFixedCapacityState(DecodeState):
         self.mask[:, :p] = np.asarray(attention_mask)[:, :p]  # the graph's mask covers past slots only
         backend.sessions["decode"].run_with_iobinding(binding)
         for buf, new in zip(self.buffers, self.new_slots):
-            buf[:, :, p] = new[:, :, 0]
+            self.kv.store(buf, new, p)
         self.length = p + 1
         return self.logits
 

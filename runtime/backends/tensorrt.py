@@ -452,17 +452,20 @@ def _check_capacity(state, inputs_embeds: np.ndarray, new_length: int) -> None:
 
 
 class TrtFixedCapacityState(DecodeState):
-    """A "fixed-capacity" folder (manifest ``extra.kv_cache.mode``): one zeroed device buffer
-    (batch, kv_heads, capacity, head_dim) per cache tensor, bound in place as the decode engine's past, with a
-    (batch, capacity) slot mask. Prefill's presents are copied into the first slots on the device once; each step
-    the engine returns only the new token's K/V, which a pitched device-to-device copy writes into slot P."""
+    """A "fixed-capacity" folder (manifest ``extra.kv_cache.mode``): one zeroed device buffer per cache tensor in
+    the folder's layout (``KVLayout.buffer_shape``: (batch, kv_heads, head_dim, capacity), or (batch, kv_heads,
+    capacity, head_dim) for the first such exports), bound in place as the decode engine's past, with a (batch,
+    capacity) slot mask. Prefill's presents go into the first slots once (on the device for "bhcd"; transposed on
+    the host for "bhdc"); each step the engine returns only the new token's K/V, which one pitched device-to-device
+    copy writes into slot P (for "bhdc" a column: rows * head_dim elements, capacity apart)."""
 
     def __init__(self, backend: TrtBackend, batch: int, capacity: int):
         self.backend, self.batch, self.capacity = backend, int(batch), max(int(capacity), 1)
         _check_request(backend, self.batch, self.capacity)
         kv = self.kv = backend.kv
         decode = backend.graphs["decode"]
-        itemsize = decode.dtypes[kv.past[0]].itemsize
+        itemsize = self.itemsize = decode.dtypes[kv.past[0]].itemsize
+        self.transposed = getattr(kv, "layout", "bhcd") == "bhdc"
         self.slot_bytes = kv.head_dim * itemsize
         self.rows = self.batch * kv.kv_heads  # one (capacity, head_dim) block per (batch row, kv head)
         nbytes = self.rows * self.capacity * self.slot_bytes
@@ -477,12 +480,26 @@ class TrtFixedCapacityState(DecodeState):
         length = int(inputs_embeds.shape[1])
         self._check(inputs_embeds, length)
         backend = self.backend
+        fetch = ("logits", *self.kv.present) if self.transposed else ("logits",)
         result = backend._execute("prefill", {"inputs_embeds": inputs_embeds, "position_ids": position_ids,
-                                              "attention_mask": attention_mask}, fetch=("logits",))
-        pitch = self.capacity * self.slot_bytes
-        for buf, name in zip(self.buffers, self.kv.present):  # (rows, length, D) -> the first slots of (rows, C, D)
-            backend._copy_rows(buf.ptr, pitch, backend._staged("prefill", name), length * self.slot_bytes,
-                               length * self.slot_bytes, self.rows)
+                                              "attention_mask": attention_mask}, fetch=fetch)
+        if self.transposed:  # (B, KVH, length, D) -> the first columns of (rows * D, C): once per generation,
+            # transposed on the host into the present's own staging buffer, then one pitched device copy
+            cudart, h2d = backend._cudart, backend._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+            columns = [np.ascontiguousarray(np.swapaxes(result[name], 2, 3)) for name in self.kv.present]
+            width = length * self.itemsize
+            for buf, name, array in zip(self.buffers, self.kv.present, columns):
+                staged = backend._staged("prefill", name)
+                cuda_call(cudart, cudart.cudaMemcpyAsync(staged, array.ctypes.data, array.nbytes, h2d, backend._stream),
+                          "cudaMemcpyAsync (host to device)")
+                backend._copy_rows(buf.ptr, self.capacity * self.itemsize, staged, width, width,
+                                   self.rows * self.kv.head_dim)
+            cuda_call(cudart, cudart.cudaStreamSynchronize(backend._stream), "cudaStreamSynchronize")  # columns live
+        else:
+            pitch = self.capacity * self.slot_bytes
+            for buf, name in zip(self.buffers, self.kv.present):  # (rows, length, D) -> the first slots of (rows, C, D)
+                backend._copy_rows(buf.ptr, pitch, backend._staged("prefill", name), length * self.slot_bytes,
+                                   length * self.slot_bytes, self.rows)
         self.length = length
         return result["logits"]
 
@@ -493,14 +510,19 @@ class TrtFixedCapacityState(DecodeState):
         self._check(inputs_embeds, p + 1)
         backend, kv = self.backend, self.kv
         self.mask[:, :p] = np.asarray(attention_mask)[:, :p]  # the graph's mask covers the cache slots only
-        shape = kv.shape(self.batch, self.capacity)
+        shape = kv.buffer_shape(self.batch, self.capacity) if hasattr(kv, "buffer_shape") else \
+            kv.shape(self.batch, self.capacity)
         pasts = {name: (buf.ptr, shape) for name, buf in zip(kv.past, self.buffers)}
         result = backend._execute("decode", {"inputs_embeds": inputs_embeds, "position_ids": position_ids,
                                              "attention_mask": self.mask}, bound_inputs=pasts, fetch=("logits",))
-        pitch = self.capacity * self.slot_bytes
         for buf, name in zip(self.buffers, kv.present):  # the new token's (rows, 1, D) -> slot p
-            backend._copy_rows(buf.ptr + p * self.slot_bytes, pitch, backend._staged("decode", name), self.slot_bytes,
-                               self.slot_bytes, self.rows)
+            if self.transposed:  # column p of (rows * D, C): rows * D elements, capacity apart
+                backend._copy_rows(buf.ptr + p * self.itemsize, self.capacity * self.itemsize,
+                                   backend._staged("decode", name), self.itemsize, self.itemsize,
+                                   self.rows * kv.head_dim)
+            else:
+                backend._copy_rows(buf.ptr + p * self.slot_bytes, self.capacity * self.slot_bytes,
+                                   backend._staged("decode", name), self.slot_bytes, self.slot_bytes, self.rows)
         self.length = p + 1
         return result["logits"]
 
