@@ -18,15 +18,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from glmtrt.runtime.errors import GlmTrtError
 
 from .parity import ParityCase, builtin_cases, run_parity, summarize
 
 MIN_STEPS = 256  # teacher-forced decode steps per report, accumulated over the cases
 OCR_MODEL = "glm-ocr-lines"  # the trained OCR model's folder under glmtrt.reference's models/
-OCR_LINES = 100  # held-out lines for the CER
+OCR_LINES = 200  # held-out lines for the CER: the whole held-out set
+OCR_CASE_LINES = 30  # held-out lines teacher-forced (about 11 tokens each with EOS: >= MIN_STEPS in all)
 
 
 def accuracy_cases() -> list[ParityCase]:
@@ -42,20 +41,28 @@ def accuracy_cases() -> list[ParityCase]:
     ]
 
 
+def ocr_accuracy_cases(lines: int = OCR_CASE_LINES) -> list[ParityCase]:
+    """The trained OCR model's cases: the first ``lines`` held-out rendered lines with the OCR prompt, each
+    compared up to the reference's end of line (its first EOS)."""
+    from glmtrt.reference.eval_ocr import OCR_PROMPT
+    from glmtrt.reference.ocr_data import heldout_lines
+
+    return [ParityCase(f"held-out line {i}", OCR_PROMPT, [image], stop_at_eos=True)
+            for i, (image, _) in enumerate(heldout_lines(lines))]
+
+
 def ocr_model_dir() -> Path | None:
-    """The trained OCR model folder shipped with glmtrt.reference, when it and its evaluation module exist."""
-    try:
-        import glmtrt.reference as reference
-        import glmtrt.reference.eval_ocr  # noqa: F401
-    except ImportError:
-        return None
-    folder = Path(reference.__file__).parent / "models" / OCR_MODEL
-    return folder if (folder / "config.json").is_file() else None
+    """The trained OCR model folder shipped with glmtrt.reference, when it exists."""
+    from glmtrt.reference.config import builtin_model_dir
+
+    return builtin_model_dir(OCR_MODEL)
 
 
 def _same_model(source: str | None, folder: Path | None) -> bool:
     if source is None or folder is None:
         return False
+    if source == OCR_MODEL:  # exported by name
+        return True
     try:
         return Path(source).resolve() == folder.resolve()
     except OSError:
@@ -64,40 +71,21 @@ def _same_model(source: str | None, folder: Path | None) -> bool:
 
 def ocr_cer(engines: str | Path, model_dir: str | Path, lines: int = OCR_LINES, threads: int | None = None) -> dict:
     """Character error rate of the engines folder (read through the torch-free runtime) and of the fp32 PyTorch
-    reference of ``model_dir`` on the first ``lines`` held-out rendered lines, with the same prompt, greedy
-    decoding and length limit (those of ``glmtrt.reference.eval_ocr.reference_reader``).
+    reference of ``model_dir`` on the first ``lines`` held-out rendered lines (greedy, the model's length limit:
+    :mod:`glmtrt.reference.eval_ocr`).
 
-    Returns {"lines", "cer_plan", "cer_fp32", "cer_delta_points", "exact_match_plan", "exact_match_fp32"}.
+    Returns {"lines", "cer_plan", "cer_fp32", "cer_delta_points", "exact_match_plan", "exact_match_fp32",
+    "lines_differing"} (lines the plan reads differently from the fp32 reference).
     """
-    from tokenizers import Tokenizer
+    from glmtrt.reference.eval_ocr import evaluate_engines, evaluate_reference
 
-    from glmtrt.reference.demo import ocr_prompt_ids
-    from glmtrt.reference.eval_ocr import evaluate, evaluate_reference, truncate_at_eos
-    from glmtrt.reference.tokenizer import TINY_GLM4V_SPECIALS
-    from glmtrt.runtime.pipeline import Pipeline
-
-    model_dir = Path(model_dir)
-    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    tokenizer.encode_special_tokens = True
-    specials = {name: tokenizer.token_to_id(name) for name in TINY_GLM4V_SPECIALS}
-    gen_path = model_dir / "generation_config.json"
-    steps = int((json.loads(gen_path.read_text()) if gen_path.is_file() else {}).get("max_new_tokens", 32))
-    pipe = Pipeline.from_engines(engines, threads=threads)
-    merge = pipe.host.spatial_merge_size
-
-    def read_line(image) -> str:
-        vision = pipe.preprocess([image])
-        ids = ocr_prompt_ids(specials, lambda t: tokenizer.encode(t, add_special_tokens=False).ids,
-                             int(vision.grid_thw[0].prod()) // merge**2, "Text Recognition:")
-        result = pipe.generate_ids(np.array(ids), vision.pixel_values, vision.grid_thw, max_new_tokens=steps,
-                                   eos_token_ids=(), temperature=0.0, repetition_penalty=1.0)
-        return tokenizer.decode(truncate_at_eos(result.token_ids, pipe.eos_token_ids), skip_special_tokens=True)
-
-    plan = evaluate(read_line, n=lines)
-    fp32 = evaluate_reference(model_dir, n=lines, max_new_tokens=steps)
+    plan = evaluate_engines(engines, n=lines, threads=threads)
+    fp32 = evaluate_reference(model_dir, n=lines)
+    read = [{e["index"]: e["prediction"] for e in r["errors"]} for r in (plan, fp32)]
     return {"lines": lines, "cer_plan": plan["cer"], "cer_fp32": fp32["cer"],
             "cer_delta_points": 100.0 * (plan["cer"] - fp32["cer"]),
-            "exact_match_plan": plan["exact_match"], "exact_match_fp32": fp32["exact_match"]}
+            "exact_match_plan": plan["exact_match"], "exact_match_fp32": fp32["exact_match"],
+            "lines_differing": sum(read[0].get(i) != read[1].get(i) for i in set(read[0]) | set(read[1]))}
 
 
 def run_accuracy(engines: str | Path, model: str | Path | None = None, *, steps: int | None = None,
@@ -112,12 +100,17 @@ def run_accuracy(engines: str | Path, model: str | Path | None = None, *, steps:
     """
     from glmtrt.runtime.manifest import Manifest
 
-    cases = cases or accuracy_cases()
+    manifest = Manifest.load(engines, verify_hashes=False)
+    trained = ocr_model_dir()
+    is_ocr_model = _same_model(str(model) if model is not None else manifest.extra.get("source"), trained)
+    if cases is None:
+        cases = ocr_accuracy_cases() if is_ocr_model else accuracy_cases()
+    if steps is None and is_ocr_model:
+        steps = int(manifest.generation.get("max_new_tokens") or 32)  # each line stops at the reference's EOS
     if steps is None:
         steps = max(1, math.ceil(min_steps / len(cases)))
     if steps < 1:
         raise GlmTrtError(f"--steps must be at least 1, got {steps}")
-    manifest = Manifest.load(engines, verify_hashes=False)
     report = run_parity(engines, model, cases, steps=steps, provider=provider, threads=threads)
     report["summary"] = summarize(report["cases"])
     plan = manifest.extra.get("plan") or {}
@@ -126,9 +119,8 @@ def run_accuracy(engines: str | Path, model: str | Path | None = None, *, steps:
                       "graphs": {role: g.get("precision") for role, g in (plan.get("graphs") or {}).items()}
                       or {role: manifest.precision for role in manifest.graphs}}
     source = report["model"]
-    trained = ocr_model_dir()
     if ocr is None:
-        ocr = _same_model(source, trained)
+        ocr = is_ocr_model
     if not ocr:
         reason = ("no trained OCR model in glmtrt.reference (reference/models/" + OCR_MODEL + ")" if trained is None
                   else f"the folder was exported from {source}, not the trained OCR model")

@@ -5,11 +5,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from glmtrt.runtime.cli import sample_image_path
+from glmtrt.runtime.cli import SAMPLE_TEXT, sample_image_path
 from glmtrt.runtime.errors import InputError
 from glmtrt.runtime.manifest import Manifest, ManifestError
 
-DEFAULT_MODEL = "tiny-glm-ocr"
 DEMO_PROMPT = "Text Recognition:"
 
 
@@ -19,8 +18,10 @@ def _reusable(folder: Path, source: str) -> bool:
         manifest = Manifest.load(folder, verify_hashes=False)
     except ManifestError:
         return False
-    recorded = manifest.extra.get("source")
-    return recorded in (source, str(Path(source).resolve()))
+    from .assets import resolve_source
+
+    wanted = resolve_source(source)  # what the export records: a preset's name or the checkpoint's resolved folder
+    return manifest.extra.get("source") == (wanted.name if wanted.is_preset else str(wanted.folder.resolve()))
 
 
 def demo_command(args) -> int:
@@ -45,13 +46,23 @@ def demo_command(args) -> int:
                                log=lambda line: print(f"   {line}"))
         print(f"   done in {result.seconds:.1f} s")
 
-    print(f"== run     {image}")
+    from PIL import Image
+
+    with Image.open(image) as shown:
+        size = f"{shown.width} x {shown.height} px"
+    truth = SAMPLE_TEXT if args.image is None else None
+    print(f"== run     {image} ({size}" + (f", showing the line {truth!r})" if truth else ")"))
     with Pipeline.from_engines(engines) as pipe:
         out = pipe.generate(DEMO_PROMPT, [image], max_new_tokens=args.max_new_tokens)
     random_weights = Manifest.load(engines, verify_hashes=False).extra.get("random_weights")
     t = out.timings
     print(f"   prompt  : {DEMO_PROMPT!r} + the image ({len(out.prompt_token_ids)} prompt tokens)")
-    print(f"   read    : {out.text!r}" + ("   (random weights: not meant to be meaningful)" if random_weights else ""))
+    verdict = ""
+    if random_weights:
+        verdict = "   (random weights: not meant to be meaningful)"
+    elif truth is not None:
+        verdict = "   (correct)" if out.text == truth else f"   (the image shows {truth!r})"
+    print(f"   read    : {out.text!r}{verdict}")
     print(f"   tokens  : {out.token_ids} (stop: {out.stop_reason})")
     print(f"   timings : preprocess {t['preprocess_s'] * 1e3:.0f} ms, vision {t['vision_s'] * 1e3:.0f} ms, "
           f"prefill {t['prefill_s'] * 1e3:.0f} ms, first token {t['ttft_s'] * 1e3:.0f} ms, "

@@ -40,6 +40,9 @@ class ParityCase:
     name: str
     prompt: str
     images: list[Any] = field(default_factory=list)
+    # Compare only up to the reference's first EOS (included): an OCR line's answer is short and whatever a model
+    # writes after its EOS is never read, so its agreement says nothing about the plan.
+    stop_at_eos: bool = False
 
 
 @dataclass
@@ -154,6 +157,9 @@ def _case_report(pipe, model, case: ParityCase, steps: int) -> CaseReport:
     # Teacher-forced decode: both roads fed the reference's greedy tokens, each keeping its own cache (the graphs'
     # in the backend's decode state, whatever the folder's cache contract, as generation drives it).
     reference_tokens = greedy_generate(model, batch, steps + 1)[0]
+    if case.stop_at_eos:
+        ends = np.flatnonzero(np.isin(reference_tokens[:steps], pipe.eos_token_ids))
+        steps = int(ends[0]) + 1 if len(ends) else steps
     state = backend.start_decode(1, len(ids) + steps)
     state.prefill(feed["inputs_embeds"], positions, mask)
     agree, worst, kls = 0, 0.0, []

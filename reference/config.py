@@ -319,6 +319,26 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json"))
 
 
+# Trained checkpoints shipped inside the package (HF layout, under reference/models/NAME): real weights, unlike
+# the presets. ``glm-ocr-lines`` is the small GLM-OCR trained on rendered text lines (reference/train_ocr.py).
+BUILTIN_MODELS_FOLDER = "models"
+
+
+def builtin_model_names() -> list[str]:
+    """Names of the checkpoints shipped with glmtrt (folders holding a config.json)."""
+    folder = resources.files("glmtrt.reference") / BUILTIN_MODELS_FOLDER
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if (p / "config.json").is_file())
+
+
+def builtin_model_dir(name: str) -> Path | None:
+    """The folder of the shipped checkpoint ``name``, or None when there is none of that name."""
+    if name not in builtin_model_names():
+        return None
+    return Path(str(resources.files("glmtrt.reference") / BUILTIN_MODELS_FOLDER / name))
+
+
 def preset_hf_dict(name: str) -> dict:
     """The HF ``config.json`` dict of a named preset."""
     if name not in preset_names():

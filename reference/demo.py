@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .config import preset, preset_names
+from .config import ModelConfig, builtin_model_dir, builtin_model_names, preset, preset_names
 
 
 def ocr_prompt_ids(specials: dict[str, int], encode, image_tokens: int, text: str) -> list[int]:
@@ -16,13 +16,15 @@ def ocr_prompt_ids(specials: dict[str, int], encode, image_tokens: int, text: st
 
 
 def presets_command(args) -> int:
-    for name in preset_names():
-        config = preset(name)
+    named = [(name, preset(name), "random weights") for name in preset_names()]
+    named += [(name, ModelConfig.from_pretrained(builtin_model_dir(name)), "trained, shipped with glmtrt")
+              for name in builtin_model_names()]
+    for name, config, weights in named:
         if args.json:
             print(json.dumps({name: config.to_dict()}))
             continue
         t, v = config.text, config.vision
         moe = f", MoE {t.moe.num_experts}x top-{t.moe.experts_per_token}" if t.moe else ""
         print(f"{name:16s} {config.model_type:10s} text {t.num_layers}L/{t.hidden_size}h/{t.num_heads}q{t.num_kv_heads}kv"
-              f"{moe}; vision {v.depth}L/{v.hidden_size}h")
+              f"{moe}; vision {v.depth}L/{v.hidden_size}h ({weights})")
     return 0

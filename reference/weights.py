@@ -20,7 +20,7 @@ import torch
 
 from glmtrt.runtime.errors import CheckpointError
 
-from .config import ModelConfig, preset, preset_hf_dict, preset_names
+from .config import ModelConfig, builtin_model_dir, preset, preset_hf_dict, preset_names
 from .model import GlmModel
 
 _EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
@@ -136,12 +136,15 @@ def init_random_weights(model: GlmModel, seed: int = 0) -> GlmModel:
 
 
 def load_reference(path_or_preset: str | Path, dtype: torch.dtype = torch.float32, seed: int = 0) -> GlmModel:
-    """Load the reference model from an HF checkpoint folder, or build a preset with seeded random weights.
+    """Load the reference model from an HF checkpoint folder (or a shipped one by name, e.g. "glm-ocr-lines"),
+    or build a preset with seeded random weights.
 
     The folder holds config.json (+ generation_config.json) and safetensors weights, sharded or not, with
     the HF key names. ``dtype`` is the compute dtype (fp32, bf16 or fp16). Returns the model in eval mode.
     """
     path = Path(path_or_preset)
+    if not path.exists() and builtin_model_dir(str(path_or_preset)) is not None:
+        path = builtin_model_dir(str(path_or_preset))
     if path.is_dir():
         config = ModelConfig.from_pretrained(path)
         model = GlmModel(config)

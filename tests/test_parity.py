@@ -45,11 +45,13 @@ def test_parity_cli_writes_json_and_exit_code(exported, tmp_path, sample_image):
 
 
 def test_demo_exports_runs_and_checks_parity(tmp_path):
+    """The default demo exports the trained OCR model, and the exported model reads the bundled sample line."""
     proc = subprocess.run([sys.executable, "-m", "glmtrt.runtime.cli", "demo", "--engines", str(tmp_path / "demo"),
-                           "--max-new-tokens", "6", "--steps", "4"], capture_output=True, text=True, cwd=tmp_path)
+                           "--max-new-tokens", "20", "--steps", "4"], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    for part in ("== export", "== run", "read    :", "timings :", "PASSED"):
+    for part in ("== export  glm-ocr-lines", "showing the line 'Invoice 2026-11'", "read    : 'Invoice 2026-11'   (correct)",
+                 "timings :", "PASSED"):
         assert part in proc.stdout
     again = subprocess.run([sys.executable, "-m", "glmtrt.runtime.cli", "demo", "--engines", str(tmp_path / "demo"),
-                            "--max-new-tokens", "6", "--steps", "4"], capture_output=True, text=True, cwd=tmp_path)
+                            "--max-new-tokens", "20", "--steps", "4"], capture_output=True, text=True, cwd=tmp_path)
     assert again.returncode == 0 and "reusing the finished export" in again.stdout
