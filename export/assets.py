@@ -14,7 +14,7 @@ from typing import Any
 
 from glmtrt.reference.config import ModelConfig
 from glmtrt.runtime.errors import ConfigError
-from glmtrt.runtime.preprocess import ImageProcessorConfig
+from glmtrt.runtime.preprocess import GLM_IMAGE_SOURCE_CONFIG, ImageProcessorConfig
 
 TOKENIZER_FILE = "tokenizer.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -71,10 +71,13 @@ class Assets:
 
 
 def resolve_source(model: str | Path) -> Source:
-    """An existing folder is a checkpoint; otherwise the name must be a preset."""
-    from glmtrt.reference.config import preset, preset_names
+    """An existing folder is a checkpoint; otherwise the name must be a shipped checkpoint or a preset."""
+    from glmtrt.reference.config import builtin_model_dir, builtin_model_names, preset, preset_names
 
     path = Path(model)
+    if not path.exists() and builtin_model_dir(str(model)) is not None:
+        path = builtin_model_dir(str(model))
+        return Source(str(model), path, ModelConfig.from_pretrained(path))
     if path.is_dir():
         if not (path / "config.json").is_file() and str(model) in preset_names():
             raise ConfigError(f"{str(model)!r} is a folder without config.json here, which hides the preset of that name; "
@@ -84,7 +87,8 @@ def resolve_source(model: str | Path) -> Source:
         return Source(str(model), None, preset(str(model)))
     if path.exists():
         raise ConfigError(f"{str(model)!r} is a file, not a checkpoint folder; pass an HF checkpoint folder or a preset name")
-    raise ConfigError(f"{str(model)!r} is neither a checkpoint folder nor a preset; presets: {', '.join(preset_names())}")
+    raise ConfigError(f"{str(model)!r} is neither a checkpoint folder nor a preset; presets: {', '.join(preset_names())}"
+                      + "".join(f", {n} (trained, shipped)" for n in builtin_model_names()))
 
 
 def collect_assets(source: Source) -> Assets:
@@ -104,9 +108,10 @@ def _tokenizer(source: Source):
 
     if source.is_preset:
         if source.name.startswith("tiny-"):
-            from glmtrt.reference.tokenizer import TINY_GLM4V_SPECIALS, build_char_tokenizer
+            from glmtrt.reference.tokenizer import TINY_GLM4V_SPECIALS, TINY_GLM_IMAGE_SPECIALS, build_char_tokenizer
 
-            return build_char_tokenizer(TINY_GLM4V_SPECIALS), None, None
+            specials = TINY_GLM_IMAGE_SPECIALS if source.config.model_type == "glm_image" else TINY_GLM4V_SPECIALS
+            return build_char_tokenizer(specials), None, None
         return None, None, None  # a real-size preset has random weights and no tokenizer
     folder = source.folder
     tokenizer = tokenizer_file = None
@@ -145,6 +150,10 @@ def special_tokens(tokenizer, config: ModelConfig) -> dict[str, int]:
                    "<|end_of_image|>": config.image_end_token_id, "<|video|>": config.video_token_id,
                    "<|begin_of_video|>": config.video_start_token_id, "<|end_of_video|>": config.video_end_token_id}
     from_config = {k: int(v) for k, v in from_config.items() if v is not None}
+    if config.model_type == "glm_image":
+        # GLM-Image's image start / end ids are visual-vocabulary tokens (<|dit_token_16384|>, 16385), not the GLM-4
+        # tokenizer's <|begin_of_image|> / <|end_of_image|>: only the placeholder's id is the tokenizer's own.
+        from_config = {k: v for k, v in from_config.items() if k == "<|image|>"}
     if tokenizer is None:
         return from_config
     found: dict[str, int] = {}
@@ -166,6 +175,8 @@ def _preprocessing(source: Source) -> dict[str, Any]:
     v = source.config.vision
     path = source.folder / "preprocessor_config.json" if source.folder else None
     if path is None or not path.is_file():  # defaults, with the tower's own patch geometry
+        if v.kind == "glm_image":  # GlmImageImageProcessor's defaults (16 px patches, no temporal axis or merge)
+            return GLM_IMAGE_SOURCE_CONFIG.to_dict()
         return ImageProcessorConfig(patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
                                     merge_size=v.spatial_merge_size).to_dict()
     try:

@@ -25,7 +25,8 @@ from glmtrt.runtime.manifest import MANIFEST_NAME, GraphSpec, Manifest, TensorSp
 
 # fp32 is exported from the reference; the others are plans derived from an fp32 export (glmtrt.export.plans).
 PRECISIONS = ("fp32", "fp16", "int8", "cpu-int8", "cpu-int4")
-EXPORTABLE_FAMILIES = ("glm_ocr", "glm4v", "glm4v_moe")
+EXPORTABLE_FAMILIES = ("glm_ocr", "glm4v", "glm4v_moe", "glm_image")
+FP32_ONLY_FAMILIES = ("glm_image",)  # no precision plans yet (glmtrt.export.plans knows the GLM-4V graphs only)
 EMBEDDINGS_FILE = "embed_tokens.npy"
 _PID_FILE = ".glmtrt-export.pid"  # inside a partial folder while its export runs; removed before the rename
 
@@ -42,11 +43,12 @@ def export_model(model: str | Path, out: str | Path, *, precision: str = "fp32",
                  opset: int | None = None, progress: bool = True) -> Path:
     """Export ``model`` (an HF checkpoint folder or a preset name) to the engines folder ``out``.
 
-    Writes vision.onnx, prefill.onnx, decode.onnx, embed_tokens.npy, tokenizer.json / chat_template.jinja when
-    available, and manifest.json. ``precision``: "fp32" (the parity baseline) or a plan derived from it
-    (:data:`glmtrt.export.plans.PLANS`: "fp16", "int8" for TensorRT; "cpu-int8", "cpu-int4" for ONNX Runtime):
-    fp32 is exported to a temporary folder beside ``out`` first. ``opset``: the ONNX opset (default 20).
-    ``force``: replace an existing export at ``out``. ``progress``: a progress bar and a summary line per graph.
+    Writes vision.onnx (GLM-Image: image_tokenizer.onnx), prefill.onnx, decode.onnx, embed_tokens.npy,
+    tokenizer.json / chat_template.jinja when available, and manifest.json. ``precision``: "fp32" (the parity
+    baseline) or a plan derived from it (:data:`glmtrt.export.plans.PLANS`: "fp16", "int8" for TensorRT;
+    "cpu-int8", "cpu-int4" for ONNX Runtime; GLM-Image: fp32 only): fp32 is exported to a temporary folder
+    beside ``out`` first. ``opset``: the ONNX opset (default 20). ``force``: replace an existing export at
+    ``out``. ``progress``: a progress bar and a summary line per graph.
     Raises GlmTrtError (one line) for a user's mistake. Returns the folder.
     """
     log = print if progress else None
@@ -71,6 +73,9 @@ def export_folder(model: str | Path, out: str | Path, *, precision: str = "fp32"
     if family not in EXPORTABLE_FAMILIES:
         raise ConfigError(f"exporting {family} ({source.name}) is not yet supported; glmtrt export supports "
                           f"{', '.join(EXPORTABLE_FAMILIES)}")
+    if precision != "fp32" and family in FP32_ONLY_FAMILIES:
+        raise GlmTrtError(f"{family} ({source.name}) exports at fp32 only for now; drop --precision {precision} "
+                          "(precision plans cover the GLM-4V family graphs)")
     assets = collect_assets(source)
 
     if precision != "fp32":  # a plan: the fp32 export in a hidden folder beside ``out``, then derived from it
@@ -101,6 +106,7 @@ def _write_folder(source, assets, folder: Path, *, precision: str, opset: int, p
     from glmtrt.reference.weights import load_reference
 
     from .graphs import graph_definitions
+    from .image_graphs import image_graph_definitions, image_manifest_record
     from .onnx import export_graph
 
     start = time.perf_counter()
@@ -112,7 +118,8 @@ def _write_folder(source, assets, folder: Path, *, precision: str, opset: int, p
     graphs: dict[str, GraphSpec] = {}
     kv_cache = None
     with _quiet_exporter_logs():
-        for graph in graph_definitions(model):
+        is_image = source.config.model_type == "glm_image"
+        for graph in (image_graph_definitions if is_image else graph_definitions)(model):
             kv_cache = graph.kv_cache or kv_cache
             r = export_graph(graph, folder, opset=opset, progress=progress)
             result.graphs.append(r)
@@ -151,6 +158,8 @@ def _write_folder(source, assets, folder: Path, *, precision: str, opset: int, p
                        "merge_size": v.spatial_merge_size, "table_side": v.pos_table_side},
             # The decode graph's cache contract (glmtrt.export.graphs.KV_CACHE); absent: the earlier "concat" one.
             **({"kv_cache": kv_cache} if kv_cache else {}),
+            # GLM-Image: the tokenizer graph's output, codebook size, generation ids (glmtrt.runtime.image_generation).
+            **({"glm_image": image_manifest_record(model)} if is_image else {}),
             "exporter": _exporter_versions(),
             "export_seconds": {r.name: round(r.seconds, 2) for r in result.graphs},
         },

@@ -19,17 +19,27 @@ The decode graph is the one wrapper with its own formulation: the reference's ea
 the new key onto the cache and repeats K/V across query groups, which in a graph is a full copy of the cache
 per step. :func:`split_softmax_attention` computes the same softmax without either (proven equal to the
 reference within 1e-4 by the parity tests).
+
+GLM-4.5V's MoE layers are the other override (:func:`with_moe`): the reference runs every expert on every token
+(exact, 16x the FLOPs of the chosen ones at 128 experts / 8 per token); the graphs keep the reference router
+(fp32, group limiting, correction bias: :class:`~glmtrt.reference.decoder.TopkRouter` itself) and run only the
+chosen experts, with the formulation each graph's shapes favour (:data:`MOE_FORMULATION`, measured by
+``python -m glmtrt.export.moe_cost``): decode gathers the chosen experts' weight slices (:class:`GatheredExperts`),
+prefill gathers each expert's tokens (:class:`GroupedExperts`). Routing is computed in the graph from its inputs;
+nothing of the example input's routing is baked in.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from glmtrt.reference.decoder import apply_rotary, mrope_cos_sin
+from glmtrt.reference.decoder import MoE, apply_rotary, mrope_cos_sin
 from glmtrt.reference.model import GlmModel
 
 Shape = list  # list[int | str]: ints are static dims, strings are symbolic dim names
@@ -225,6 +235,121 @@ class ConcatDecodeGraph(nn.Module):
         return _flatten(*self.model.decode_step(inputs_embeds, position_ids, attention_mask, keys, values))
 
 
+# ------------------------------------------------------------------------------------------ GLM-4.5V MoE
+
+class GatheredExperts(nn.Module):
+    """The routed experts of one MoE layer, touching only the chosen experts' weights: each (token, slot) pair
+    gathers its expert's slices of the stacked weights and multiplies them with its token (a batched GEMV).
+
+    Weights are the reference :class:`~glmtrt.reference.decoder.Experts`' own stacked parameters, in their
+    stored (E, 2I, H) / (E, H, I) layout (the products run weight @ token column, so no weight is transposed).
+    Cost: T * k weight slices copied and read; right for decode (T = batch), ruinous for a long prefill
+    (T * k * 23 MB of bf16 weights at GLM-4.5V's size).
+    """
+
+    def __init__(self, experts: nn.Module):
+        super().__init__()
+        self.gate_up_proj = experts.gate_up_proj  # (E, 2I, H)
+        self.down_proj = experts.down_proj  # (E, H, I)
+
+    def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x: (T, H); chosen: int64 (T, k) expert ids; weights: fp32 (T, k). Returns (T, H) in x's dtype:
+        ``sum_k weights[t, k] * expert_{chosen[t, k]}(x[t])``, summed in fp32 as the reference does."""
+        gate_up = torch.matmul(self.gate_up_proj[chosen], x[:, None, :, None]).squeeze(-1)  # (T, k, 2I)
+        gate, up = gate_up.chunk(2, dim=-1)
+        y = torch.matmul(self.down_proj[chosen], (F.silu(gate) * up)[..., None]).squeeze(-1)  # (T, k, H)
+        return (y * weights[..., None]).sum(1).to(x.dtype)
+
+
+class GroupedExperts(nn.Module):
+    """The routed experts of one MoE layer, each expert run once on the tokens that chose it.
+
+    Per expert e (a static loop over the E experts): NonZero of its column of the choice mask gives its tokens,
+    a Gather picks their rows, two MatMuls with expert e's own weights (per-expert views of the stacked
+    parameters, exported as separate initializers: nothing is copied at run time) and SwiGLU give its outputs.
+    The outputs of all experts are concatenated, ordered by (expert, token); each (token, slot) pair finds its
+    row there at ``start[e] + rank of t among e's tokens`` (CumSum over the mask) and the pairs are combined
+    with their weights in fp32. Standard ops only (NonZero, Gather, GatherElements, CumSum, MatMul): no
+    ScatterND reduction, no TopK over the tokens (TensorRT caps K below 3840). Cost: the chosen experts'
+    FLOPs plus one read of every expert that has a token; right for a prefill of any length.
+    """
+
+    def __init__(self, experts: nn.Module):
+        super().__init__()
+        n = experts.gate_up_proj.shape[0]
+        # Views of the stacked parameters (shared storage), one initializer per expert in the exported graph.
+        self.gate_up = nn.ParameterList(nn.Parameter(experts.gate_up_proj.detach()[e], requires_grad=False)
+                                        for e in range(n))  # (2I, H) each
+        self.down = nn.ParameterList(nn.Parameter(experts.down_proj.detach()[e], requires_grad=False)
+                                     for e in range(n))  # (H, I) each
+
+    def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x: (T, H); chosen: int64 (T, k) expert ids (distinct per token); weights: fp32 (T, k).
+        Returns (T, H) in x's dtype, as :meth:`GatheredExperts.forward`."""
+        n = len(self.gate_up)
+        mask = (chosen[:, :, None] == torch.arange(n, device=x.device)).any(1)  # (T, E) bool
+        outputs = []
+        for e in range(n):
+            tokens = mask[:, e].nonzero().squeeze(1)  # (n_e,), increasing
+            xt = x.index_select(0, tokens).transpose(0, 1)  # (H, n_e): weights stay in their stored layout
+            gate, up = torch.matmul(self.gate_up[e], xt).chunk(2, dim=0)  # (I, n_e) each
+            outputs.append(torch.matmul(self.down[e], F.silu(gate) * up).transpose(0, 1))  # (n_e, H)
+        rows = torch.cat(outputs)  # (T * k, H), ordered by (expert, token)
+        taken = mask.long()
+        rank = taken.cumsum(0) - 1  # (T, E): how many earlier tokens chose e
+        counts = taken.sum(0)
+        start = counts.cumsum(0) - counts  # (E,): first row of expert e
+        where = (start + rank).gather(1, chosen)  # (T, k)
+        y = rows[where]  # (T, k, H)
+        return (y * weights[..., None]).sum(1).to(x.dtype)
+
+
+class SparseMoE(nn.Module):
+    """A reference :class:`~glmtrt.reference.decoder.MoE` layer with its routed experts run by a sparse
+    formulation: the same router (called as a module, so fp16 plans keep it an fp32 island) and shared expert.
+    x: (B, S, H) -> (B, S, H)."""
+
+    def __init__(self, moe: MoE, experts: nn.Module):
+        super().__init__()
+        self.gate = moe.gate
+        self.experts = experts
+        self.shared_experts = moe.shared_experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        chosen, weights = self.gate(flat, dense=False)
+        return self.experts(flat, chosen, weights).view_as(x) + self.shared_experts(x)
+
+
+# How each graph runs the routed experts (measured at GLM-4.5V's size: README, `python -m glmtrt.export.moe_cost`).
+# "dense" is the reference's every-expert formulation, kept for that comparison.
+MOE_EXPERTS = {"gathered": GatheredExperts, "grouped": GroupedExperts}
+MOE_FORMULATION = {"prefill": "grouped", "decode": "gathered"}
+
+
+def _shallow(module: nn.Module, **children: nn.Module) -> nn.Module:
+    """A copy of ``module`` sharing its parameters, buffers and submodules, except ``children`` replaced."""
+    clone = copy.copy(module)
+    clone._modules = {**module._modules, **children}
+    return clone
+
+
+def with_moe(model: GlmModel, formulation: str) -> GlmModel:
+    """A view of ``model`` whose MoE layers run their routed experts by ``formulation`` ("gathered", "grouped"
+    or "dense", the reference's own). Every parameter is shared; ``model`` itself is not changed. A model
+    without MoE layers is returned as is."""
+    if formulation != "dense" and formulation not in MOE_EXPERTS:
+        raise ValueError(f"unknown MoE formulation {formulation!r}; choose dense, {', '.join(MOE_EXPERTS)}")
+    text = model.model.language_model
+    if formulation == "dense" or not any(isinstance(layer.mlp, MoE) for layer in text.layers):
+        return model
+    layers = nn.ModuleList(
+        _shallow(layer, mlp=SparseMoE(layer.mlp, MOE_EXPERTS[formulation](layer.mlp.experts)))
+        if isinstance(layer.mlp, MoE) else layer for layer in text.layers)
+    backbone = _shallow(model.model, language_model=_shallow(text, layers=layers))
+    return _shallow(model, model=backbone)
+
+
 # Example sizes for tracing: none is 0 or 1 (torch.export specializes those), all distinct so no two dims
 # are mistaken for one another.
 _EXAMPLE_BATCH, _EXAMPLE_SEQ, _EXAMPLE_PAST, _EXAMPLE_CAPACITY = 2, 7, 5, 11
@@ -284,11 +409,12 @@ def _example_text_args(model: GlmModel, seq: int, past: int):
     return embeds, positions, mask
 
 
-def prefill_graph(model: GlmModel) -> GraphDef:
+def prefill_graph(model: GlmModel, moe: str = MOE_FORMULATION["prefill"]) -> GraphDef:
+    """The prefill graph; ``moe``: the routed experts' formulation of an MoE model (see ``MOE_FORMULATION``)."""
     names, shapes, outputs, output_shapes = _text_io(model, "seq", "seq")
     batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=1)
     return GraphDef(
-        name="prefill", module=PrefillGraph(model),
+        name="prefill", module=PrefillGraph(with_moe(model, moe)),
         input_names=names, input_shapes=shapes, input_dtypes=["float32", "int64", "int64"],
         output_names=outputs, output_shapes=output_shapes, output_dtypes=["float32"] * len(outputs),
         example_args=_example_text_args(model, _EXAMPLE_SEQ, 0),
@@ -296,9 +422,12 @@ def prefill_graph(model: GlmModel) -> GraphDef:
     )
 
 
-def decode_graph(model: GlmModel, kv_cache: str = "fixed-capacity", layout: str = "bhdc") -> GraphDef:
+def decode_graph(model: GlmModel, kv_cache: str = "fixed-capacity", layout: str = "bhdc",
+                 moe: str = MOE_FORMULATION["decode"]) -> GraphDef:
     """The decode graph: ``kv_cache`` "fixed-capacity" (the contract of ``KV_CACHE``) or "concat" (the earlier
-    one); ``layout`` "bhdc" (what glmtrt exports) or "bhcd" (the first fixed-capacity exports, for tests)."""
+    one); ``layout`` "bhdc" (what glmtrt exports) or "bhcd" (the first fixed-capacity exports, for tests);
+    ``moe``: the routed experts' formulation of an MoE model (see ``MOE_FORMULATION``)."""
+    model = with_moe(model, moe)
     if kv_cache == "concat":
         return _concat_decode_graph(model)
     if kv_cache != KV_CACHE["mode"] or layout not in ("bhdc", "bhcd"):

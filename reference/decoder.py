@@ -159,8 +159,10 @@ class TopkRouter(nn.Module):
         self.weight = nn.Parameter(torch.zeros(moe.num_experts, hidden))
         self.register_buffer("e_score_correction_bias", torch.zeros(moe.num_experts, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (T, H). Returns the dense routing matrix: fp32 (T, E), the scaled weight of each chosen expert, else 0."""
+    def forward(self, x: torch.Tensor, dense: bool = True):
+        """x: (T, H). Returns the dense routing matrix: fp32 (T, E), the scaled weight of each chosen expert, else 0;
+        with ``dense=False`` the choice itself: expert ids int64 (T, k) and their weights fp32 (T, k) (what the
+        exported graphs' sparse expert formulations take, ``glmtrt.export.graphs``)."""
         m = self.moe
         scores = F.linear(x.float(), self.weight.float()).sigmoid()
         choice = scores + self.e_score_correction_bias.float()
@@ -175,6 +177,8 @@ class TopkRouter(nn.Module):
         if m.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         weights = weights * m.routed_scaling_factor
+        if not dense:
+            return chosen, weights
         return torch.zeros_like(scores).scatter(1, chosen, weights)
 
 

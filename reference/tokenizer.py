@@ -18,6 +18,12 @@ TINY_GLM4V_SPECIALS: dict[str, int] = {
     "<|image|>": 250, "<|video|>": 251, "<|begin_of_image|>": 252, "<|end_of_image|>": 253,
     "<|begin_of_video|>": 254, "<|end_of_video|>": 255,
 }
+# The tiny GLM-Image preset's: the chat / grid specials above its visual vocabulary (ids < 272), the image start
+# (= generation BOS) and end (= EOS) at the config's 256 / 257, the source-image placeholder at 310, pad at 300.
+TINY_GLM_IMAGE_SPECIALS: dict[str, int] = {
+    "<|begin_of_image|>": 256, "<|end_of_image|>": 257, "<|pad|>": 300, "<|endoftext|>": 301, "[gMASK]": 302,
+    "<sop>": 303, "<eop>": 304, "<|user|>": 305, "<|assistant|>": 306, "<|system|>": 307, "<|image|>": 310,
+}
 DEFAULT_CHARACTERS = string.ascii_letters + string.digits + string.punctuation + " \n"
 
 

@@ -2,7 +2,11 @@
 
 The prompt layout is the GLM checkpoints' chat template for one user turn::
 
-    [gMASK]<sop>[<|system|>\\n{system}]<|user|>\\n{<|begin_of_image|><|image|>×n<|end_of_image|> per image}{text}<|assistant|>\\n
+    [gMASK]<sop>[<|system|>\\n{system}]<|user|>\\n{<|begin_of_image|><|image|>×n<|end_of_image|> per image}[video]{text}<|assistant|>\\n
+
+A video renders as the GLM-4V processor expands the template's ``<|begin_of_video|><|video|><|end_of_video|>``:
+``<|begin_of_video|>`` then, per temporal patch (two frames), ``<|begin_of_image|><|image|>×n<|end_of_image|>`` and
+its timestamp in whole seconds as text (``str(int(t))``), then ``<|end_of_video|>``.
 
 Special tokens are inserted by id (from the manifest); every piece of user text is encoded with
 ``encode_special_tokens = True``, so a user writing ``<|image|>`` gets the characters, never the token.
@@ -21,6 +25,7 @@ __all__ = ["ChatFormat", "IncrementalDecoder", "split_thinking", "REQUIRED_SPECI
 
 REQUIRED_SPECIALS = ("[gMASK]", "<sop>", "<|user|>", "<|assistant|>")
 IMAGE_SPECIALS = ("<|begin_of_image|>", "<|image|>", "<|end_of_image|>")
+VIDEO_SPECIALS = ("<|begin_of_video|>", "<|end_of_video|>")
 
 
 class ChatFormat:
@@ -63,9 +68,13 @@ class ChatFormat:
         except KeyError:
             raise ManifestError(f"the manifest's special_tokens lack {token!r}; re-export the folder") from None
 
-    def prompt_ids(self, text: str, image_token_counts: Sequence[int] = (), system: str | None = None) -> list[int]:
-        """The ids of one user turn with ``len(image_token_counts)`` images (each ``n`` placeholder tokens)
-        before ``text``, ending with ``<|assistant|>\\n`` (the model's turn)."""
+    def prompt_ids(self, text: str, image_token_counts: Sequence[int] = (), system: str | None = None,
+                   video: tuple[int, Sequence[float]] | None = None) -> list[int]:
+        """The ids of one user turn with ``len(image_token_counts)`` images (each ``n`` placeholder tokens) and
+        optionally a video before ``text``, ending with ``<|assistant|>\\n`` (the model's turn).
+
+        video: (placeholder tokens per temporal patch, one timestamp in seconds per temporal patch), as
+        ``glmtrt.runtime.preprocess.preprocess_video`` gives them (grid h * w / merge**2, its timestamps)."""
         _check_text("prompt", text)
         if system is not None:
             _check_text("system prompt", system)
@@ -79,6 +88,16 @@ class ChatFormat:
                 if int(n) < 1:
                     raise InputError(f"an image needs at least one placeholder token, got {n}")
                 parts += [begin] + [image] * int(n) + [end]
+        if video is not None:
+            n, stamps = video
+            if int(n) < 1 or not len(stamps):
+                raise InputError(f"a video needs at least one frame of at least one placeholder token, got {len(stamps)} "
+                                 f"frames of {n}")
+            begin, image, end = (self._special(t) for t in IMAGE_SPECIALS)
+            parts.append(self._special(VIDEO_SPECIALS[0]))
+            for stamp in stamps:
+                parts += [begin] + [image] * int(n) + [end, str(int(stamp))]
+            parts.append(self._special(VIDEO_SPECIALS[1]))
         parts += [text, self._special("<|assistant|>"), "\n"]
         ids: list[int] = []
         pending = ""

@@ -16,6 +16,9 @@ from . import __version__
 from .errors import GlmTrtError
 
 SAMPLE_IMAGE = "sample.png"
+# What the bundled sample image shows: glmtrt.reference.ocr_data.render_line(np.random.default_rng(0), SAMPLE_TEXT),
+# a line as the trained OCR model saw in training (289 x 59 px).
+SAMPLE_TEXT = "Invoice 2026-11"
 # What `glmtrt export --precision` / `glmtrt quantize --precision` take (glmtrt.export.folder.PRECISIONS; kept here
 # so that the parser needs no export import).
 PRECISIONS = ("fp32", "fp16", "int8", "cpu-int8", "cpu-int4")
@@ -35,8 +38,10 @@ def add_model_argument(p: argparse.ArgumentParser) -> None:
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny-glm-ocr", help="checkpoint folder or preset (default: %(default)s)")
-    p.add_argument("--image", default=None, help="image to read (default: the bundled sample)")
+    p.add_argument("--model", default="glm-ocr-lines",
+                   help="checkpoint folder, shipped model or preset (default: %(default)s, the small GLM-OCR trained on "
+                        "rendered text lines)")
+    p.add_argument("--image", default=None, help="image to read (default: the bundled sample, a rendered line)")
     p.add_argument("--engines", default=None, metavar="DIR", help="where to export (default: engines/<model name>)")
     p.add_argument("--max-new-tokens", type=int, default=24, help="tokens to generate (default: %(default)s)")
     p.add_argument("--steps", type=int, default=16, help="decode steps the parity check compares (default: %(default)s)")
@@ -65,6 +70,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     add_engines_arguments(p)
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image to put before the prompt (repeat for several)")
+    p.add_argument("--video", default=None, metavar="FILE_OR_FRAME_GLOB",
+                   help="a video before the prompt: a video file (decoded with PyAV: pip install av), sampled at 2 "
+                   "frames a second, or a quoted glob of frame images such as 'frames/*.png' (sorted, taken as 2 a "
+                   "second)")
     p.add_argument("--prompt", required=True, metavar="TEXT", help="the user's text")
     p.add_argument("--system", default=None, metavar="TEXT", help="an optional system prompt")
     p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
@@ -79,6 +88,17 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, metavar="S", help="seed of the sampler (reproducible draws)")
     p.add_argument("--ignore-eos", action="store_true", help="never stop before --max-new-tokens")
     p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of the engine files")
+    add_image_generation_arguments(p)
+
+
+def add_image_generation_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("GLM-Image engines folders (token grids for the diffusion decoder; sampled by default, "
+                             "--temperature 0 for greedy; --image gives the source images of image-to-image)")
+    g.add_argument("--target-size", default=None, metavar="HxW",
+                   help="size in pixels of the image to generate, e.g. 1152x768 (the default): sets the large and "
+                   "preview token grids, one token per 32 px")
+    g.add_argument("--out", default=None, metavar="PATH",
+                   help="write the grids as JSON (tokens.json), atomically (default: print the JSON)")
 
 
 def add_parity_arguments(p: argparse.ArgumentParser) -> None:
@@ -139,7 +159,8 @@ def add_accuracy_arguments(p: argparse.ArgumentParser) -> None:
                    help="ONNX Runtime execution provider (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="ONNX Runtime intra-op threads")
     p.add_argument("--no-ocr", action="store_true", help="skip the OCR character error rate of the trained OCR model")
-    p.add_argument("--ocr-lines", type=int, default=100, metavar="N", help="held-out lines for the CER (default: %(default)s)")
+    p.add_argument("--ocr-lines", type=int, default=200, metavar="N",
+                   help="held-out lines for the CER (default: %(default)s, the whole held-out set)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the report(s) as JSON")
 
 
@@ -178,12 +199,49 @@ def add_presets_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # Each subcommand: (help, argument builder, "module:function" run lazily with the parsed args).
+def add_train_ocr_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder to write (HF layout)")
+    p.add_argument("--steps", type=int, default=3400, help="step budget (default: %(default)s, ~27 min on 2 cores)")
+    p.add_argument("--minutes", type=float, default=30.0,
+                   help="wall-clock cap (default: %(default)s); the schedule follows max(step/steps, time/cap)")
+    p.add_argument("--seed", type=int, default=0, help="model init and training-data seed (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1.5e-3, help="peak AdamW learning rate (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch threads (default: %(default)s); 0: 1 or 2, re-chosen every 100 steps by timing both "
+                        "(2 threads slow down several-fold when other processes share the 2 cores)")
+    p.add_argument("--data-workers", type=int, default=0,
+                   help="processes rendering batches ahead (default: 0, inline: on 2 cores a worker slows torch's threads)")
+    p.add_argument("--aux-weight", type=float, default=1.0,
+                   help="weight of the training-only per-image-token character loss (decays to 0 at 80%% of training)")
+    p.add_argument("--eval-every", type=int, default=500, help="validation CER every N steps (0: never)")
+    p.add_argument("--log-every", type=int, default=100, help="progress line every N steps")
+    p.add_argument("--save-every", type=int, default=100, help="save the training state every N steps (0: never)")
+    p.add_argument("--resume", action="store_true", help="continue from the training state saved beside --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation at the end")
+
+
+def add_eval_ocr_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, metavar="DIR|NAME",
+                   help="evaluate the PyTorch reference of a checkpoint folder or shipped model (e.g. glm-ocr-lines)")
+    p.add_argument("--engines", action="append", default=None, metavar="DIR",
+                   help="evaluate an engines folder through the runtime (repeat for several plans)")
+    p.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default="cpu",
+                   help="ONNX Runtime execution provider for --engines (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="ONNX Runtime intra-op threads")
+    p.add_argument("--n", type=int, default=200, help="held-out lines to read (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=20240917, help="held-out set seed (default: %(default)s, the fixed set)")
+    p.add_argument("--show", type=int, default=5, metavar="N", help="print up to N misread lines per row")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] = {
     "demo": ("the main job on the built-in default: export it, read the sample image with the runtime, check parity",
              add_demo_arguments, "glmtrt.export.demo:demo_command"),
     "presets": ("list the built-in model presets", add_presets_arguments, "glmtrt.reference.demo:presets_command"),
     "run": ("generate from images and a prompt with an engines folder (torch-free runtime)",
-            add_run_arguments, "glmtrt.runtime.pipeline:run_command"),
+            add_run_arguments, "glmtrt.runtime.image_generation:run_command"),  # GLM-Image or -> pipeline
     "export": ("export a checkpoint or preset to ONNX graphs + manifest (an engines folder)",
                add_export_arguments, "glmtrt.export.cli:export_command"),
     "parity": ("compare an engines folder with the PyTorch reference, stage by stage",
@@ -196,6 +254,10 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] 
                  add_quantize_arguments, "glmtrt.export.plans:quantize_command"),
     "accuracy": ("accuracy report of engines folders (plans) against the fp32 reference, one row per folder",
                  add_accuracy_arguments, "glmtrt.export.accuracy:accuracy_command"),
+    "train-ocr": ("train the small GLM-OCR model on rendered text lines (PyTorch, 2 cores, <= 30 min)",
+                  add_train_ocr_arguments, "glmtrt.reference.train_ocr:train_command"),
+    "eval-ocr": ("character error rate of the reference and/or engines folders on 200 held-out rendered text lines",
+                 add_eval_ocr_arguments, "glmtrt.reference.eval_ocr:eval_ocr_command"),
     "build": ("build TensorRT engines (.plan) for an engines folder's graphs (needs TensorRT and a GPU)",
               add_build_arguments, "glmtrt.export.tensorrt:build_command"),
 }

@@ -13,12 +13,14 @@ Usage::
     pipe = Pipeline.from_engines("engines/glm-ocr")
     result = pipe.generate("Text Recognition:", images=["page.png"], max_new_tokens=256)
     print(result.text, result.timings)
+    pipe.generate("What happens?", video="clip.mp4")          # or a list of frames, or "frames/*.png"
     for delta in pipe.stream("Describe the image.", images=["cat.jpg"]):
         print(delta, end="", flush=True)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import threading
@@ -33,7 +35,8 @@ import numpy as np
 from .chat import ChatFormat, IncrementalDecoder, split_thinking
 from .errors import EngineError, GlmTrtError, InputError
 from .manifest import Manifest, ManifestError
-from .preprocess import ImageProcessorConfig, num_image_tokens, preprocess_images
+from .preprocess import (VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, ImageProcessorConfig, VisionInputs, load_video,
+                         num_image_tokens, preprocess_images, preprocess_video)
 from .prompt import HostConfig, PromptPlan, plan_prompt
 from .sampling import GenerationOptions, Sampler, resolve_options
 
@@ -72,11 +75,13 @@ class GenerationResult:
 
 @dataclass
 class Request:
-    """One chat request of a batch: a user prompt and its images (paths, PIL images or uint8 HxWx3 arrays)."""
+    """One chat request of a batch: a user prompt, its images (paths, PIL images or uint8 HxWx3 arrays) and
+    optionally one video (see :meth:`Pipeline.preprocess_video`: frames, a frame glob or a video file)."""
 
     prompt: str
     images: Sequence[Any] = ()
     system: str | None = None
+    video: Any = None
 
 
 class TextStream:
@@ -122,6 +127,10 @@ class Pipeline:
             self.image_config = ImageProcessorConfig.from_dict(manifest.preprocessing or {})
         except ValueError as e:
             raise ManifestError(f"the manifest's preprocessing settings are unusable: {e}") from None
+        # Videos: the image processor's patching and normalization with the video processor's pixel budgets
+        # (Glm4vVideoProcessor's defaults; its budget is shared by all frames).
+        self.video_config = dataclasses.replace(self.image_config, min_pixels=VIDEO_MIN_PIXELS,
+                                                max_pixels=VIDEO_MAX_PIXELS)
         emb = manifest.embeddings
         self.embed_table = np.load(self.folder / emb["file"], mmap_mode="r")
         if self.embed_table.ndim != 2 or self.embed_table.shape[1] != self.host.hidden_size:
@@ -206,21 +215,51 @@ class Pipeline:
         except ValueError as e:
             raise InputError(str(e)) from None
 
+    def preprocess_video(self, video: Any) -> tuple[VisionInputs, list[float]]:
+        """One video -> (VisionInputs: pixel_values float32 (t*h*w, patch_dim), grid_thw int64 (1, 3) = (t, h, w);
+        one timestamp in seconds per temporal patch of two frames).
+
+        ``video``: a list of frames (PIL images, uint8 (H, W, 3) arrays or image paths) or a (T, H, W, 3) uint8 array,
+        taken as sampled at 2 frames a second; a glob of frame files (``"frames/*.png"``, sorted by name), likewise;
+        or a video file path, decoded with PyAV (optional: ``pip install av``) and sampled as transformers'
+        Glm4vVideoProcessor does (2 frames a second, an even count, each frame's own timestamp). Frames are resized
+        together (the video pixel budget counts every frame) with the image processor's settings.
+        """
+        if self.host.video_start_token_id is None or self.host.video_end_token_id is None:
+            raise InputError(f"this {self.host.model_type} export has no video tokens; pass images instead")
+        frames, timestamps = load_video(video)
+        try:
+            return preprocess_video(frames, self.video_config, timestamps=timestamps)
+        except InputError:
+            raise
+        except ValueError as e:
+            raise InputError(str(e)) from None
+
     def prompt_ids(self, prompt: str, images: Sequence[Any] = (), system: str | None = None,
-                   vision_inputs=None) -> list[int]:
-        """The GLM chat ids of one request (images before the text)."""
+                   vision_inputs=None, video: Any = None, video_inputs=None) -> list[int]:
+        """The GLM chat ids of one request (images, then the video, before the text). ``vision_inputs`` /
+        ``video_inputs`` are :meth:`preprocess` / :meth:`preprocess_video` results, used instead of ``images`` /
+        ``video`` when given."""
         chat = self._require_chat()
         if vision_inputs is None:
             vision_inputs = self.preprocess(images)
+        if video_inputs is None and video is not None:
+            video_inputs = self.preprocess_video(video)
         counts = [] if vision_inputs is None else [num_image_tokens(g, self.host.spatial_merge_size)
                                                    for g in vision_inputs.grid_thw]
-        if isinstance(prompt, str) and not prompt.strip() and not counts:
-            raise InputError("the prompt is empty and there is no image: nothing to answer; pass some text or an image")
-        return chat.prompt_ids(prompt, counts, system=system)
+        frames = None
+        if video_inputs is not None:
+            inputs, stamps = video_inputs
+            t, h, w = (int(v) for v in inputs.grid_thw[0])
+            frames = (num_image_tokens((1, h, w), self.host.spatial_merge_size), list(stamps))
+        if isinstance(prompt, str) and not prompt.strip() and not counts and frames is None:
+            raise InputError("the prompt is empty and there is no image or video: nothing to answer; pass some text, "
+                             "an image or a video")
+        return chat.prompt_ids(prompt, counts, system=system, video=frames)
 
     def _prepare_requests(self, requests: Sequence[Request]) -> _Prepared:
         t0 = time.perf_counter()
-        rows, pixels, grids = [], [], []
+        rows, pixels, grids, video_pixels, video_grids = [], [], [], [], []
         for request in requests:
             if isinstance(request, Mapping):
                 request = Request(**request)
@@ -233,13 +272,22 @@ class Pipeline:
             if isinstance(images, (str, Path)) or hasattr(images, "size") and not isinstance(images, Sequence):
                 images = [images]
             vision = self.preprocess(images)
-            rows.append(self.prompt_ids(request.prompt, system=request.system, vision_inputs=vision))
+            video = None if request.video is None else self.preprocess_video(request.video)
+            rows.append(self.prompt_ids(request.prompt, system=request.system, vision_inputs=vision,
+                                        video_inputs=video))
             if vision is not None:
                 pixels.append(vision.pixel_values)
                 grids.append(vision.grid_thw)
+            if video is not None:
+                video_pixels.append(video[0].pixel_values)
+                video_grids.append(video[0].grid_thw)
         ids, mask = self._left_pad(rows)
-        plan = plan_prompt(self.host, ids, mask, np.concatenate(pixels) if pixels else None,
-                           np.concatenate(grids) if grids else None)
+
+        def joined(parts):
+            return np.concatenate(parts) if parts else None
+
+        plan = plan_prompt(self.host, ids, mask, joined(pixels), joined(grids), joined(video_pixels),
+                           joined(video_grids))
         return _Prepared(plan, rows, time.perf_counter() - t0)
 
     def _left_pad(self, rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -255,15 +303,17 @@ class Pipeline:
         return ids, mask
 
     # ------------------------------------------------------------------ public generation
-    def generate(self, prompt: str, images: Sequence[Any] = (), *, system: str | None = None,
+    def generate(self, prompt: str, images: Sequence[Any] = (), *, video: Any = None, system: str | None = None,
                  **options: Any) -> GenerationResult:
-        """Generate a reply to one user prompt with its images.
+        """Generate a reply to one user prompt with its images and/or video.
 
+        video: a list of frames, a (T, H, W, 3) uint8 array, a glob of frame files or a video file path (see
+        :meth:`preprocess_video`); one vision call per temporal patch, 3-D positions as ``get_rope_index`` gives them.
         options: max_new_tokens, temperature (0 = greedy), top_k, top_p, repetition_penalty, seed,
         eos_token_ids (default: the manifest's EOS set); unspecified ones come from the manifest's generation
         defaults.
         """
-        return self.generate_batch([Request(prompt, images, system)], **options)[0]
+        return self.generate_batch([Request(prompt, images, system, video)], **options)[0]
 
     def generate_batch(self, requests: Sequence[Request | Mapping | tuple], **options: Any) -> list[GenerationResult]:
         """Generate for several requests at once (left-padded; each stops on its own)."""
@@ -271,12 +321,12 @@ class Pipeline:
         prepared = self._prepare_requests(requests)
         return self._drain(self._generate(prepared, opts))
 
-    def stream(self, prompt: str, images: Sequence[Any] = (), *, system: str | None = None,
+    def stream(self, prompt: str, images: Sequence[Any] = (), *, video: Any = None, system: str | None = None,
                **options: Any) -> TextStream:
         """Like :meth:`generate`, as an iterator of text deltas (valid text; they concatenate to the final text).
         The :class:`GenerationResult` is available as ``stream.result`` once the iterator is exhausted."""
         opts = self.options(**options)
-        prepared = self._prepare_requests([Request(prompt, images, system)])  # input errors surface here
+        prepared = self._prepare_requests([Request(prompt, images, system, video)])  # input errors surface here
         holder: dict = {}
 
         def deltas() -> Iterator[str]:
@@ -498,16 +548,17 @@ def run_command(args) -> int:
     for image in args.image:
         if not Path(image).is_file():
             raise InputError(f"image {image!r} does not exist; pass an existing image file")
+    video = getattr(args, "video", None)
     if args.stream:
         out = sys.stderr if args.json else sys.stdout  # --json keeps stdout for the one JSON object
-        stream = pipe.stream(args.prompt, args.image, system=args.system, **options)
+        stream = pipe.stream(args.prompt, args.image, video=video, system=args.system, **options)
         for delta in stream:
             out.write(delta)
             out.flush()
         out.write("\n")
         result = stream.result
     else:
-        result = pipe.generate(args.prompt, args.image, system=args.system, **options)
+        result = pipe.generate(args.prompt, args.image, video=video, system=args.system, **options)
     if args.json:
         print(json.dumps(result.to_dict(), ensure_ascii=False))
     elif not args.stream:

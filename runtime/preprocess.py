@@ -40,6 +40,8 @@ __all__ = [
     "num_image_tokens",
     "preprocess_video",
     "sample_video_frame_indices",
+    "load_video",
+    "read_video_file",
     "glm_image_smart_resize",
     "glm_image_target_grids",
     "preprocess_glm_image_sources",
@@ -48,8 +50,12 @@ __all__ = [
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# Glm4vVideoProcessor's default size["longest_edge"] (the image processor's is 28*28*15000).
+# Glm4vVideoProcessor's default size["longest_edge"] (the image processor's is 28*28*15000) and shortest_edge.
 VIDEO_MAX_PIXELS = 28 * 28 * 2 * 30000
+VIDEO_MIN_PIXELS = 112 * 112
+# Glm4vVideoProcessor's sampling: frames per second taken from a video file, and the longest stretch sampled at it.
+VIDEO_FPS = 2.0
+VIDEO_MAX_DURATION = 300.0
 
 # PIL's enum value for bicubic, as written in preprocessor_config.json ("resample": 3).
 _PIL_BICUBIC = 3
@@ -552,6 +558,102 @@ def sample_video_frame_indices(
     if len(unique) % 2:
         unique.append(unique[-1])
     return np.asarray(unique, dtype=np.int64)
+
+
+_GLOB_CHARS = set("*?[")
+
+
+def load_video(video, fps: float = VIDEO_FPS, max_duration: float = VIDEO_MAX_DURATION) -> tuple[list, list[float] | None]:
+    """A video as the runtime takes it -> (frames, timestamps in seconds or None).
+
+    ``video`` is one of:
+
+    * frames: a sequence of PIL images, uint8 (H, W, 3) arrays or image paths, or a (T, H, W, 3) uint8 array. They
+      are the sampled frames themselves; timestamps None (``preprocess_video`` then counts ``fps`` frames a second,
+      i.e. frames taken the way a video file is sampled);
+    * a str / path with glob characters (``frames/*.png``): the matching files, sorted by name, as frames;
+    * the path of a video file: decoded with PyAV (:func:`read_video_file`; an optional dependency, ``pip install
+      av``) and sampled as transformers' ``Glm4vVideoProcessor`` does, with each frame's timestamp.
+
+    Raises InputError (one line) for a missing file, a pattern that matches nothing, a folder, or an unreadable
+    video. Frames themselves are checked by ``preprocess_video``.
+    """
+    if isinstance(video, (str, os.PathLike)):
+        path = os.fspath(video)
+        if os.path.isfile(path):
+            return read_video_file(path, fps=fps, max_duration=max_duration)
+        if _GLOB_CHARS & set(path):
+            import glob
+
+            files = sorted(f for f in glob.glob(path) if os.path.isfile(f))
+            if not files:
+                raise InputError(f"no frame files match {path!r}; pass a pattern like 'frames/*.png' or a video file.")
+            return files, None
+        if os.path.isdir(path):
+            raise InputError(f"{path!r} is a folder; pass a glob of its frames, e.g. {os.path.join(path, '*.png')!r}, "
+                             "or a video file.")
+        raise InputError(f"video {path!r} does not exist; pass a video file, a glob of frame images such as "
+                         "'frames/*.png', or a list of frames.")
+    if isinstance(video, np.ndarray) or (isinstance(video, Sequence) and not isinstance(video, (bytes, bytearray))):
+        return (list(video) if isinstance(video, np.ndarray) else list(video)), None
+    raise InputError(f"a video must be a list of frames, a (T, H, W, 3) uint8 array, a frame glob or a video file "
+                     f"path, got {type(video).__name__}.")
+
+
+def read_video_file(path: str, fps: float = VIDEO_FPS, max_duration: float = VIDEO_MAX_DURATION
+                    ) -> tuple[list[np.ndarray], list[float]]:
+    """Decode the frames of a video file that GLM-4V's video processor would sample -> (uint8 (H, W, 3) frames,
+    timestamps in seconds).
+
+    As transformers' PyAV reader and ``Glm4vVideoProcessor.sample_frames``: the first video stream's frame count
+    and average frame rate give the duration (count / rate), :func:`sample_video_frame_indices` picks ``fps``
+    frames a second (an even count), frames are decoded in order and converted to RGB, and a frame's timestamp is
+    its index / the frame rate. PyAV is imported here only; without it this raises InputError saying how to get it.
+    """
+    try:
+        import av
+    except ImportError:
+        raise InputError(f"reading the video file {path!r} needs PyAV, which is not installed: pip install av (or "
+                         "'glmtrt[video]'), or pass the frames as images or a frame glob.") from None
+    try:
+        container = av.open(path)
+    except Exception as e:  # av.error.FFmpegError and its subclasses, OSError
+        raise InputError(f"cannot read {path!r} as a video ({type(e).__name__}: {_first_line(e)}); pass a video file "
+                         "FFmpeg can decode.") from None
+    with container:
+        if not container.streams.video:
+            raise InputError(f"{path!r} has no video stream; pass a video file.")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        if not rate or float(rate) <= 0:
+            raise InputError(f"{path!r} does not say its frame rate; pass its frames as images or a frame glob instead.")
+        rate = float(rate)
+        try:
+            total = int(stream.frames) or sum(1 for _ in container.decode(video=0))  # 0: the header does not say
+            if total < 1:
+                raise InputError(f"{path!r} has no video frames; pass a video with at least one frame.")
+            indices = sample_video_frame_indices(total, rate, fps=fps, max_duration=max_duration, duration=total / rate)
+            wanted, frames, last = set(indices.tolist()), {}, int(indices[-1])
+            container.seek(0)
+            for i, frame in enumerate(container.decode(video=0)):
+                if i > last:
+                    break
+                if i in wanted:
+                    frames[i] = frame.to_ndarray(format="rgb24")
+        except InputError:
+            raise
+        except Exception as e:  # a damaged stream: av.error.FFmpegError subclasses
+            raise InputError(f"cannot decode {path!r} ({type(e).__name__}: {_first_line(e)}); the file is truncated "
+                             "or damaged: pass a complete video file.") from None
+    missing = sorted(wanted - set(frames))
+    if missing:
+        raise InputError(f"{path!r} says it has {total} frames but frame {missing[0]} could not be decoded; the file is "
+                         "truncated or damaged.")
+    return [frames[i] for i in indices.tolist()], [i / rate for i in indices.tolist()]
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
 
 
 def glm_image_smart_resize(

@@ -576,17 +576,12 @@ def torch_zeros(*shape):
     return torch.zeros(*shape)
 
 
-@pytest.mark.parametrize("model_type,message", [("llama", "unsupported model_type 'llama'"),
-                                                ("glm_image", "exporting glm_image .* is not yet supported")])
+@pytest.mark.parametrize("model_type,message", [("llama", "unsupported model_type 'llama'")])
 def test_export_of_an_unsupported_model_type(checkpoint, tmp_path, capsys, model_type, message):
     from glmtrt.export import export_model
 
     folder = Path(shutil.copytree(checkpoint, tmp_path / model_type))
     config = json.loads((folder / "config.json").read_text())
-    if model_type == "glm_image":
-        from glmtrt.reference.config import preset_hf_dict
-
-        config = preset_hf_dict("tiny-glm-image")
     config["model_type"] = model_type
     (folder / "config.json").write_text(json.dumps(config))
     out = tmp_path / "out" / "engines"

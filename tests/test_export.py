@@ -234,7 +234,7 @@ def test_force_refuses_a_folder_that_is_not_an_export(tmp_path):
     (dict(model="tiny-glm-nope"), "neither a checkpoint folder nor a preset"),
     (dict(precision="bf16"), "precision 'bf16' is not available; choose one of: fp32, fp16, int8, cpu-int8, cpu-int4"),
     (dict(opset=11), "opset 11 is not supported"),
-    (dict(model="tiny-glm-image"), "not yet supported"),
+    (dict(model="tiny-glm-image", precision="fp16"), "exports at fp32 only for now"),
 ])
 def test_refusals(tmp_path, kwargs, message):
     from glmtrt.export import export_model
