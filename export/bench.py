@@ -9,6 +9,7 @@ Roads (each in its own subprocess, so each has its own peak memory and thread se
 * ``reference``: :mod:`glmtrt.reference` in fp32, stage by stage on the shared host functions.
 * ``onnxruntime``: every engines folder given (default: the preset exported once to ``<cache>/bench-<preset>``),
   through the torch-free :class:`~glmtrt.runtime.pipeline.Pipeline`.
+* ``onnxruntime-shared``: the same folders with ``share_weights=True`` (prefill and decode weights held once).
 
 Per road, medians over ``--repeats``: preprocessing, vision, prefill (and prompt tokens/s), time to first token
 (preprocess + vision + prefill + first token), decode tokens/s over the generated tokens (at the prompt's real
@@ -38,7 +39,7 @@ from glmtrt.runtime.errors import GlmTrtError
 
 DEFAULT_PRESET = "glm-ocr"
 DEFAULT_PROMPT = "Text Recognition:"
-ROADS = ("transformers-fp32", "transformers-bf16", "reference", "onnxruntime")
+ROADS = ("transformers-fp32", "transformers-bf16", "reference", "onnxruntime", "onnxruntime-shared")
 STAGES = ("preprocess", "vision", "prefill", "decode")
 BASE = "transformers-fp32"
 # Stand-ins for the chat special tokens when a (real-size, random-weight) preset has no tokenizer.
@@ -352,7 +353,8 @@ def _work_onnxruntime(spec: dict, memory: PeakMemory, log) -> dict:
     from glmtrt.runtime.pipeline import Pipeline
     from glmtrt.runtime.preprocess import num_image_tokens
 
-    pipe = Pipeline.from_engines(spec["engines"], threads=spec["threads"], verify_hashes=False)
+    pipe = Pipeline.from_engines(spec["engines"], threads=spec["threads"], verify_hashes=False,
+                                 share_weights=spec.get("share_weights", False))
     manifest = pipe.manifest
     probe = _StageProbe(pipe.backend)
     pipe.backend = probe
@@ -554,7 +556,8 @@ def _engines_folders(args, preset: str, log) -> list[Path]:
     return [folder]
 
 
-def _check_folder(folder: Path, preset: str) -> None:
+def _check_folder(folder: Path, preset: str) -> bool:
+    """Refuse a folder not exported from ``preset``; returns whether it stores its text weights once."""
     from glmtrt.reference.config import preset as preset_config
     from glmtrt.runtime.manifest import Manifest
 
@@ -564,6 +567,7 @@ def _check_folder(folder: Path, preset: str) -> None:
     if manifest.config != want or source != preset or not manifest.extra.get("random_weights"):
         raise GlmTrtError(f"{str(folder)!r} was not exported from the preset {preset!r} (its source: {source!r}); the "
                           f"bench compares the same seeded weights on every road: pass folders exported from {preset}")
+    return bool(manifest.shared_weights)
 
 
 def _transformers_available() -> bool:
@@ -628,9 +632,15 @@ def run_bench(args, log=None) -> dict[str, Any]:
         elif road == "reference":
             jobs.append({"label": "reference-fp32", "kind": "reference", "dtype": "fp32"})
         else:
+            shared = road == "onnxruntime-shared"
             for folder in _engines_folders(args, preset, log):
-                _check_folder(folder, preset)
-                jobs.append({"label": f"onnxruntime {folder.name}", "kind": "onnxruntime", "engines": str(folder)})
+                shareable = _check_folder(folder, preset)
+                if shared and not shareable:
+                    jobs.append({"label": f"onnxruntime {folder.name} (shared weights)", "kind": "onnxruntime",
+                                 "skip": "exported before the prefill and decode weights were stored once: re-export"})
+                    continue
+                jobs.append({"label": f"onnxruntime {folder.name}{' (shared weights)' if shared else ''}",
+                             "kind": "onnxruntime", "engines": str(folder), "share_weights": shared})
     if not have_hf and any(r.startswith("transformers") for r in roads):
         notes.append("transformers is not installed: its rows are skipped and no ratios are given")
 

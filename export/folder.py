@@ -108,6 +108,7 @@ def _write_folder(source, assets, folder: Path, *, precision: str, opset: int, p
     from .graphs import graph_definitions
     from .image_graphs import image_graph_definitions, image_manifest_record
     from .onnx import export_graph
+    from .shared_weights import share_text_weights
 
     start = time.perf_counter()
     model = load_reference(source.folder if source.folder is not None else source.name)
@@ -130,6 +131,11 @@ def _write_folder(source, assets, folder: Path, *, precision: str, opset: int, p
                 data = " + external data" if r.external_data else ""
                 log(f"{graph.name:8s} {r.seconds:6.1f} s  {_size(r.bytes):>9s}  {graph.file}{data}")
 
+    t = time.perf_counter()
+    shared = share_text_weights(folder, {role: g.file for role, g in graphs.items()})
+    if log and shared:
+        log(f"{'weights':8s} {time.perf_counter() - t:6.1f} s  {_size(shared['bytes']):>9s}  {shared['file']} "
+            "(prefill and decode weights, stored once)")
     table = model.model.language_model.embed_tokens.weight.detach().float().numpy()
     np.save(folder / EMBEDDINGS_FILE, table)
     tokenizer, chat_template = assets.write(folder)
@@ -164,6 +170,7 @@ def _write_folder(source, assets, folder: Path, *, precision: str, opset: int, p
             "export_seconds": {r.name: round(r.seconds, 2) for r in result.graphs},
         },
         glmtrt_version=__version__,
+        shared_weights=shared,
     )
     manifest.record_files(folder)
     manifest.save(folder)  # last: a folder with a manifest is a finished folder

@@ -52,6 +52,8 @@ import onnx_ir as ir
 from glmtrt.runtime.errors import GlmTrtError
 from glmtrt.runtime.manifest import MANIFEST_NAME, GraphSpec, Manifest, TensorSpec, sha256_file
 
+from .shared_weights import graph_weight_bytes, share_text_weights
+
 FLOAT, HALF = ir.DataType.FLOAT, ir.DataType.FLOAT16
 FP16_MAX = float(np.finfo(np.float16).max)
 VISION_MIN_COSINE = 0.99  # a CPU plan quantizes vision only if every calibration image keeps this embedding cosine
@@ -130,7 +132,8 @@ def fp32_islands(graph: ir.Graph, role: str, half_inputs: Iterable[str]) -> dict
     A value is an *activation* when it is computed from a half-precision graph input (``half_inputs``); shape
     queries do not carry that. Kept in fp32: Softmax / LayerNormalization, the nodes of every RMSNorm and MoE
     router module (from the exporter's ``pkg.torch.onnx.class_hierarchy`` metadata), the MoE experts' weighted
-    combine (everything downstream of the router inside ``Experts``), every non-activation node with a float
+    combine (everything downstream of the router inside ``Experts`` and the export's ``GatheredExperts`` /
+    ``GroupedExperts``), every non-activation node with a float
     output ("host tables": rotary cos/sin, masks, interpolation taps, constants), and in the vision graph the
     rotary application ``x * cos + rotate_half(x) * sin``, which the reference computes in fp32. Q/DQ nodes are
     never islands (their scales follow the fp16 graph).
@@ -146,7 +149,7 @@ def fp32_islands(graph: ir.Graph, role: str, half_inputs: Iterable[str]) -> dict
             act.update(node.outputs)
         classes = _class_names(node)
         reason = _ISLAND_OPS.get(node.op_type) or next((r for c, r in _ISLAND_CLASSES.items() if c in classes), None)
-        if reason is None and "Experts" in classes and any(v in router for v in inputs):
+        if reason is None and any(c.endswith("Experts") for c in classes) and any(v in router for v in inputs):
             reason = "moe-combine"
         if reason is None and not is_act and any(o.dtype == FLOAT for o in node.outputs):
             reason = "host-tables"
@@ -481,7 +484,10 @@ def _save(model: ir.Model, path: Path) -> None:
 
 
 def _large(path: Path) -> bool:
-    return Path(str(path) + ".data").exists()
+    """Whether a graph's weights need external data when rewritten (a protobuf cannot exceed 2 GiB)."""
+    from .onnx import EXTERNAL_DATA_THRESHOLD
+
+    return graph_weight_bytes(path) > EXTERNAL_DATA_THRESHOLD
 
 
 def _op_counts(path: Path) -> dict[str, int]:
@@ -683,7 +689,7 @@ def _build_cpu(precision: str):
                         for suffix in ("", ".data"):
                             (out / (spec.file + suffix)).unlink(missing_ok=True)
                         shutil.copyfile(path, target)
-                        if _large(path):
+                        if Path(str(path) + ".data").exists():
                             shutil.copyfile(str(path) + ".data", str(target) + ".data")
                         entry = {"precision": "fp32", "kept_fp32": f"{precision} vision embeddings reached cosine "
                                  f"{min(cosines):.4f} < {options.vision_min_cosine} on the calibration images",
@@ -821,8 +827,9 @@ def derive_plan(engines: str | Path, out: str | Path, precision: str, *, force: 
                                      "it); derive fp16 or int8 for TensorRT")
         from glmtrt.runtime import __version__
 
+        shared = share_text_weights(tmp, {role: g.file for role, g in graphs.items()})
         plan_manifest = replace(manifest, precision=precision, graphs=graphs, embeddings=embeddings, extra=extra,
-                                files={}, glmtrt_version=__version__)
+                                files={}, glmtrt_version=__version__, shared_weights=shared)
         plan_manifest.record_files(tmp)
         plan_manifest.save(tmp)
         mode = 0o666 & ~_umask()

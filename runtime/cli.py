@@ -88,6 +88,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, metavar="S", help="seed of the sampler (reproducible draws)")
     p.add_argument("--ignore-eos", action="store_true", help="never stop before --max-new-tokens")
     p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of the engine files")
+    p.add_argument("--share-weights", action="store_true",
+                   help="cpu provider: hold the prefill and decode weights once (memory-mapped, -2.2 GB for GLM-OCR "
+                        "in fp32) at some decode speed (ONNX Runtime's weight prepacking is off for them)")
     add_image_generation_arguments(p)
 
 
@@ -179,7 +182,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                         "CACHE/bench-PRESET)")
     p.add_argument("--cache", default="engines", metavar="DIR", help="where the default export goes (default: %(default)s)")
     p.add_argument("--roads", default=None, metavar="LIST",
-                   help="comma-separated subset of transformers-fp32,transformers-bf16,reference,onnxruntime (default: all)")
+                   help="comma-separated subset of transformers-fp32,transformers-bf16,reference,onnxruntime,"
+                        "onnxruntime-shared (each folder again with --share-weights) (default: all)")
     p.add_argument("--threads", type=int, default=2, metavar="N", help="threads of every road (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, metavar="N", help="runs per road; medians are reported "
                    "(default: %(default)s)")

@@ -74,6 +74,9 @@ class Manifest:
     generation: dict[str, Any] = field(default_factory=dict)
     files: dict[str, FileRecord] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    # One external-data file holding the prefill and decode graphs' weights once (glmtrt.export.shared_weights):
+    # {"file", "bytes", "graphs": {role: {initializer: [offset, length, onnx_dtype, shape]}}}; {} in older folders.
+    shared_weights: dict[str, Any] = field(default_factory=dict)
     glmtrt_version: str = ""
     schema_version: int = SCHEMA_VERSION
 
@@ -99,6 +102,8 @@ class Manifest:
             data = Path(folder) / (graph.file + ".data")
             if data.exists():
                 names.append(data.name)
+        if self.shared_weights:
+            names.append(self.shared_weights["file"])
         self.files = {n: FileRecord(size=(Path(folder) / n).stat().st_size, sha256=sha256_file(Path(folder) / n))
                       for n in names}
 

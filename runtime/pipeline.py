@@ -537,13 +537,18 @@ class Pipeline:
 
 # ---------------------------------------------------------------------------------------------- the CLI
 
+def share_weights_option(args) -> dict[str, bool]:
+    """``--share-weights`` as a backend option (only when given: the TensorRT backend takes no such option)."""
+    return {"share_weights": True} if getattr(args, "share_weights", False) else {}
+
+
 def run_command(args) -> int:
     """``glmtrt run``: one request through the runtime; text (or --json) on stdout."""
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                    eos_token_ids=() if args.ignore_eos else None)
     pipe = Pipeline.from_engines(args.engines, provider=args.provider, verify_hashes=not args.no_verify,
-                                 threads=args.threads)
+                                 threads=args.threads, **share_weights_option(args))
     pipe.options(**options)  # validate before any image is read
     for image in args.image:
         if not Path(image).is_file():

@@ -38,7 +38,8 @@ def test_bench_report_is_complete(bench_run):
     proc, report, tmp = bench_run
     assert (tmp / "engines" / "bench-tiny-glm-ocr" / MANIFEST_NAME).is_file()  # exported once, reusable
     names = [r["name"] for r in report["roads"]]
-    assert names == ["transformers-fp32", "transformers-bf16", "reference-fp32", "onnxruntime bench-tiny-glm-ocr"]
+    shared = "onnxruntime bench-tiny-glm-ocr (shared weights)"
+    assert names == ["transformers-fp32", "transformers-bf16", "reference-fp32", "onnxruntime bench-tiny-glm-ocr", shared]
     w = report["workload"]
     assert w["preset"] == "tiny-glm-ocr" and w["image_size"] == [896, 896] and w["new_tokens"] == 4
     assert w["patches"] == 4096 and w["prompt_tokens"] > 1024 and w["threads"] == 2 and w["repeats"] == 1
@@ -61,11 +62,12 @@ def test_bench_report_is_complete(bench_run):
     assert all(v == pytest.approx(1.0) for v in base["ratios"].values())
     # The fp32 roads compute the same greedy tokens as transformers fp32 (same weights, same inputs).
     assert {r["name"]: r["tokens_match_base"] for r in report["roads"] if r["dtype"] != "bf16"} == \
-        {"transformers-fp32": "4/4", "reference-fp32": "4/4", "onnxruntime bench-tiny-glm-ocr": "4/4"}
+        {"transformers-fp32": "4/4", "reference-fp32": "4/4", "onnxruntime bench-tiny-glm-ocr": "4/4", shared: "4/4"}
     ort = report["roads"][3]
     assert ort["precision"] == "fp32" and ort["kv_cache"] == "fixed-capacity" and ort["backend"] == "onnxruntime-cpu"
-    goals = {g["goal"].split(" ")[0] + " " + g["goal"].split(" ")[1]: g for g in report["goals"]}
-    assert len(report["goals"]) == 3 and all(g["road"] == ort["name"] for g in report["goals"])
+    assert report["roads"][4]["tokens"] == ort["tokens"]  # the same graphs over one shared copy of the weights
+    goals = {g["goal"].split(" ")[0] + " " + g["goal"].split(" ")[1]: g for g in report["goals"] if g["road"] == ort["name"]}
+    assert len(report["goals"]) == 6 and {g["road"] for g in report["goals"]} == {ort["name"], shared}
     assert goals["decode step"]["met"] is None  # the sweep lacks 64 and 4096: not judged
     assert isinstance(goals["fp32 decode"]["met"], bool) and isinstance(goals["vision fp32"]["met"], bool)
 

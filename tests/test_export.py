@@ -168,6 +168,66 @@ def test_folder_is_standard_onnx_with_a_matching_manifest(exported, name):
     assert not [p for p in folder.parent.iterdir() if ".partial-" in p.name]
 
 
+def test_prefill_and_decode_weights_are_stored_once(exported, tmp_path, capsys):
+    """Both text graphs point into one text.onnx.data in which each distinct tensor is stored once; the manifest's
+    table matches the graphs; the runtime's shared-weights mode maps it once and generates the same tokens."""
+    from onnx import numpy_helper
+
+    from glmtrt.runtime.pipeline import Pipeline
+
+    folder = exported("tiny-glm-ocr")
+    manifest = Manifest.load(folder)
+    record = manifest.shared_weights
+    assert record["file"] == "text.onnx.data" and record["file"] in manifest.files
+    assert not (folder / "prefill.onnx.data").exists() and not (folder / "decode.onnx.data").exists()
+    data = np.memmap(folder / record["file"], dtype=np.uint8, mode="r")
+    offsets = {}
+    for role in ("prefill", "decode"):
+        table = record["graphs"][role]
+        proto = onnx.load(str(folder / f"{role}.onnx"), load_external_data=False)
+        external = {t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+        assert external == set(table) and len(table) >= 10, role
+        values = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(folder / f"{role}.onnx")).graph.initializer}
+        for name, (offset, length, _dtype, shape) in table.items():
+            want = values[name]
+            assert list(want.shape) == shape and want.nbytes == length and offset % 65536 == 0
+            assert bytes(data[offset:offset + length]) == want.tobytes(), (role, name)
+        offsets[role] = {offset for offset, *_ in table.values()}
+    # The decoder's projections and the LM head are identical in both traces: decode adds nothing new.
+    assert offsets["decode"] <= offsets["prefill"]
+    stored = {(offset, length) for r in record["graphs"].values() for offset, length, *_ in r.values()}
+    unique = sum(length for _, length in stored)
+    assert unique <= 0.55 * sum(e[1] for r in record["graphs"].values() for e in r.values())
+
+    tokens = {}
+    for share in (False, True):
+        with Pipeline.from_engines(folder, share_weights=share) as pipe:
+            tokens[share] = pipe.generate("Describe the image.", max_new_tokens=16, eos_token_ids=[]).token_ids
+            assert pipe.backend.shared_bytes == (unique if share else 0)
+    assert tokens[True] == tokens[False] and len(tokens[True]) == 16
+
+    older = tmp_path / "older"
+    older.mkdir()
+    for path in folder.iterdir():
+        (older / path.name).symlink_to(path)
+    raw = json.loads((folder / MANIFEST_NAME).read_text())
+    del raw["shared_weights"]
+    (older / MANIFEST_NAME).unlink()
+    (older / MANIFEST_NAME).write_text(json.dumps(raw))
+    with Pipeline.from_engines(older) as pipe:  # a folder from before: read as it is
+        assert pipe.generate("Describe the image.", max_new_tokens=16, eos_token_ids=[]).token_ids == tokens[False]
+    with pytest.raises(GlmTrtError, match="re-export it to use share_weights"):
+        Pipeline.from_engines(older, share_weights=True)
+    with pytest.raises(GlmTrtError, match="cpu provider only"):
+        Pipeline.from_engines(folder, provider="cuda", share_weights=True)
+    from glmtrt.runtime.cli import main
+
+    assert main(["run", "--engines", str(older), "--prompt", "x", "--share-weights"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "re-export it to use share_weights" in err and "\n" not in err
+    assert main(["run", "--engines", str(folder), "--prompt", "x", "--max-new-tokens", "3", "--share-weights"]) == 0
+
+
 def test_external_data_graph(exported, tmp_path, monkeypatch):
     """Graphs too big for one protobuf keep their weights in <graph>.onnx.data; they check and run the same."""
     from glmtrt.export import onnx as onnx_module

@@ -188,6 +188,11 @@ def test_runtime_generates_with_each_plan(plan, sample_image, precision):
         assert len(result.token_ids) == 6 and result.stop_reason == "length"
         batch = pipe.generate_batch([("Read it.", [sample_image]), ("Hello.", [])], max_new_tokens=4, eos_token_ids=())
         assert [len(r.token_ids) for r in batch] == [4, 4]
+    # The plan's prefill and decode weights are stored once, and running them from one shared map changes nothing.
+    with Pipeline.from_engines(plan("tiny-glm-ocr", precision), threads=1, share_weights=True) as pipe:
+        assert pipe.backend.shared_bytes > 0
+        assert pipe.generate("Text Recognition:", [sample_image], max_new_tokens=6,
+                             eos_token_ids=()).token_ids == result.token_ids
 
 
 def test_int8_over_fp32_base(exported, tmp_path):

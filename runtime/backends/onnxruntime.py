@@ -14,6 +14,13 @@ The KV cache never round-trips through Python objects between steps. Two decode 
   of ``batch * kv_heads * capacity * head_dim`` elements; decode step s reads its past from one arena and
   writes the grown present into the other (ping-pong), each bound by pointer with that step's shape.
 
+Shared weights (``share_weights=True``, CPU provider, folders with the manifest's ``shared_weights``): the
+prefill and decode graphs' weights are stored once in ``text.onnx.data``; the backend memory-maps that file once
+and gives both sessions the same read-only buffers (``SessionOptions.add_initializer``) with ONNX Runtime's
+weight prepacking off for them (a prepacked copy is per session). The text weights are then resident once
+instead of twice (-2.2 GB for the real-size GLM-OCR in fp32) at the price of ONNX Runtime's slower unpacked
+one-row GEMM in decode (see the README's bench table). Off by default: speed first.
+
 The logits output is bound to one preallocated host buffer. Per step only the new token's embedding, positions
 and mask travel from the host, and only the logits come back.
 
@@ -37,6 +44,10 @@ from ..manifest import Manifest, ManifestError
 from . import Backend, DecodeState, KVLayout
 
 __all__ = ["OrtBackend", "OrtConcatState", "OrtFixedCapacityState", "ort_providers"]
+
+# ONNX TensorProto data types the shared-weights map can hand to ONNX Runtime as numpy arrays.
+_ONNX_DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64, 10: np.float16,
+                11: np.float64, 9: np.bool_}
 
 _PROVIDER_CHAINS = {
     "cpu": ["CPUExecutionProvider"],
@@ -66,29 +77,36 @@ def ort_providers(provider: str) -> list[str]:
 
 
 class OrtBackend(Backend):
-    """Sessions for the vision, prefill and decode graphs of an engines folder."""
+    """Sessions for the vision, prefill and decode graphs of an engines folder (share_weights: see the module
+    docstring)."""
 
     def __init__(self, manifest: Manifest, folder: Path, provider: str = "cpu", threads: int | None = None,
-                 optimization_level: str = "all"):
+                 optimization_level: str = "all", share_weights: bool = False):
         ort = _ort()
         self.manifest, self.folder, self.provider = manifest, Path(folder), provider
         self.name = f"onnxruntime-{provider}"
+        if share_weights and provider != "cpu":
+            raise GlmTrtError(f"share_weights works with the cpu provider only (got {provider!r}): a device session "
+                              "copies its weights to the GPU anyway; drop share_weights")
         providers = ort_providers(provider)
-        options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = int(threads)
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                   "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-        options.graph_optimization_level = levels[optimization_level]
+        options = self._session_options(ort, threads, levels[optimization_level])
         self.sessions = {}
+        self.shared_bytes = 0  # bytes of weights held once for several sessions (share_weights)
+        shared = self._shared_initializers(ort) if share_weights else {}
         for role, spec in manifest.graphs.items():
             path = self.folder / spec.file
+            session_options = options
+            if role in shared:
+                session_options = self._session_options(ort, threads, levels[optimization_level])
+                session_options.add_session_config_entry("session.disable_prepacking", "1")
+                for name, value in shared[role]:
+                    session_options.add_initializer(name, value)
             try:
-                session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+                session = ort.InferenceSession(str(path), sess_options=session_options, providers=providers)
             except Exception as e:  # onnxruntime raises its own exception types
                 raise ManifestError(f"ONNX Runtime cannot load {str(path)!r} ({type(e).__name__}: "
                                     f"{str(e).splitlines()[0] if str(e) else ''}); re-export the folder") from None
@@ -102,6 +120,39 @@ class OrtBackend(Backend):
         self.input_dtypes = {role: {t.name: np.dtype(t.dtype) for t in spec.inputs}
                              for role, spec in manifest.graphs.items()}
         self.kv = KVLayout(manifest)
+
+    @staticmethod
+    def _session_options(ort, threads: int | None, level):
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = level
+        return options
+
+    def _shared_initializers(self, ort) -> dict[str, list[tuple[str, Any]]]:
+        """role -> [(initializer name, OrtValue)] over one memory map of the manifest's shared weights file."""
+        record = self.manifest.shared_weights
+        if not record:
+            raise GlmTrtError(f"{str(self.folder)!r} stores the prefill and decode weights separately (exported by an "
+                              "older glmtrt); re-export it to use share_weights")
+        data = np.memmap(self.folder / record["file"], dtype=np.uint8, mode="r")
+        values: dict[tuple[int, int, int], Any] = {}  # one OrtValue per stored tensor, whichever graph names it
+        shared: dict[str, list[tuple[str, Any]]] = {}
+        for role, tensors in record["graphs"].items():
+            for name, (offset, length, onnx_dtype, shape) in tensors.items():
+                dtype = _ONNX_DTYPES.get(int(onnx_dtype))
+                if dtype is None:  # a type numpy cannot hold (bfloat16, int4): ONNX Runtime reads it itself
+                    continue
+                key = (int(offset), int(length), int(onnx_dtype))
+                if key not in values:
+                    array = data[offset:offset + length].view(dtype).reshape(shape)
+                    values[key] = ort.OrtValue.ortvalue_from_numpy(array)
+                    self.shared_bytes += length
+                shared.setdefault(role, []).append((name, values[key]))
+        self._shared_values = values  # the sessions use these buffers: keep them (and the map) alive
+        return shared
 
     def cast_inputs(self, graph: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         dtypes = self.input_dtypes[graph]
