@@ -262,19 +262,12 @@ def run_parity(engines: str | Path, model: str | Path | None = None, cases: list
     model: the checkpoint folder or preset the folder was exported from (default: the manifest's record).
     Returns a JSON-ready report: per-case figures, the bounds for the folder's precision, and ``passed``.
     """
-    from glmtrt.reference import load_reference
     from glmtrt.runtime.pipeline import Pipeline
 
     if steps < 1:
         raise GlmTrtError(f"--steps must be at least 1, got {steps}")
     pipe = Pipeline.from_engines(engines, provider="trt" if backend == "trt" else provider, threads=threads)
-    source = model if model is not None else pipe.manifest.extra.get("source")
-    if source is None:
-        raise GlmTrtError(f"{str(engines)!r} does not record what it was exported from; pass --model")
-    reference = load_reference(source)
-    if json.loads(json.dumps(reference.config.to_dict())) != pipe.manifest.config:
-        raise GlmTrtError(f"the model {str(source)!r} has another config than {str(engines)!r}; pass the model it was "
-                          "exported from with --model")
+    source, reference = _reference_for(pipe.manifest, engines, model)
     try:
         reports = [_case_report(pipe, reference, case, steps) for case in (cases or builtin_cases())]
     finally:
@@ -284,6 +277,91 @@ def run_parity(engines: str | Path, model: str | Path | None = None, cases: list
     bounds, passed = check_bounds(precision, cases_out, bool(pipe.manifest.extra.get("random_weights")))
     return {"engines": str(engines), "model": str(source), "precision": precision, "backend": pipe.backend.name,
             "bounds": bounds, "passed": passed, "cases": cases_out}
+
+
+def _reference_for(manifest, engines, model):
+    """(source, reference model) of an engines folder: ``model`` or the manifest's record, config checked."""
+    from glmtrt.reference import load_reference
+
+    source = model if model is not None else manifest.extra.get("source")
+    if source is None:
+        raise GlmTrtError(f"{str(engines)!r} does not record what it was exported from; pass --model")
+    reference = load_reference(source)
+    if json.loads(json.dumps(reference.config.to_dict())) != manifest.config:
+        raise GlmTrtError(f"the model {str(source)!r} has another config than {str(engines)!r}; pass the model it was "
+                          "exported from with --model")
+    return source, reference
+
+
+# GLM-Image: a text-to-image and an image-to-image request (a seeded 96x96 source image), small targets.
+IMAGE_CASES = (("text-to-image", "a red fox in the snow", False, "128x96"),
+               ("image-to-image", "the same scene at dusk", True, "192x160"))
+
+
+def run_image_parity(engines: str | Path, model: str | Path | None = None, provider: str = "cpu",
+                     threads: int | None = None, prompt: str | None = None, images: list | None = None,
+                     target_size: str | None = None) -> dict[str, Any]:
+    """A GLM-Image folder against the reference: for each request both roads generate greedily (the same host
+    loop, :func:`~glmtrt.runtime.image_generation.run_image_generation`); reported: the source images' codes,
+    the generated tokens (common prefix), and the logits of prefill and of every decode step while the roads'
+    tokens agree (same inputs, so the graphs are compared with the reference). fp32 bounds: max abs 1e-4 and
+    identical tokens. Returns a JSON-ready report."""
+    from glmtrt.reference.image_generate import ReferenceImageStages
+    from glmtrt.runtime.image_generation import ImageGenerator, LogitsRecorder, run_image_generation
+
+    gen = ImageGenerator.from_engines(engines, provider=provider, threads=threads)
+    with gen:
+        source, reference = _reference_for(gen.pipeline.manifest, engines, model)
+        if prompt is not None or images:
+            cases = [("given", prompt or IMAGE_CASES[0][1], list(images or []), target_size or
+                      IMAGE_CASES[bool(images)][3])]
+        else:
+            source_image = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+            cases = [(name, text, [source_image] if with_source else [], target_size or size)
+                     for name, text, with_source, size in IMAGE_CASES]
+        reports = []
+        for name, text, sources, size in cases:
+            request = gen.prepare(text, sources, size)
+            options = gen.options(temperature=0)
+            roads = LogitsRecorder(gen.stages), LogitsRecorder(ReferenceImageStages(reference))
+            ours, ref = (run_image_generation(road, gen.host, request, options, num_codes=gen.num_codes)
+                         for road in roads)
+            match = next((i for i, (a, b) in enumerate(zip(ours.token_ids, ref.token_ids)) if a != b),
+                         min(len(ours.token_ids), len(ref.token_ids)))
+            # Logits k (prefill = 0) follow tokens[:k]: the same context on both roads while k <= match.
+            pairs = list(zip(roads[0].logits, roads[1].logits))[:match + 1]
+            errors = [float(np.abs(a - b).max()) for a, b in pairs]
+            top1 = [int(np.argmax(a[..., :gen.num_codes]) == np.argmax(b[..., :gen.num_codes])) for a, b in pairs]
+            reports.append({
+                "name": name, "target_size": size, "prompt_tokens": int(request.input_ids.shape[0]),
+                "source_codes_identical": (all(np.array_equal(a, b) for a, b in zip(ours.sources, ref.sources))
+                                           if ref.sources else None),
+                "prefill_logits_max_abs": errors[0], "decode_max_logit_error": max(errors[1:], default=0.0),
+                "top1_agreement": sum(top1) / len(top1), "greedy_tokens": len(ref.token_ids),
+                "greedy_match_prefix": match, "greedy_identical": ours.token_ids == ref.token_ids})
+    precision = gen.pipeline.manifest.precision
+    bounds = {"max_abs": BOUNDS["fp32"]["max_abs"], "greedy_identical": True}
+    passed = all(c["source_codes_identical"] is not False and c["greedy_identical"]
+                 and max(c["prefill_logits_max_abs"], c["decode_max_logit_error"]) <= bounds["max_abs"] for c in reports)
+    return {"engines": str(engines), "model": str(source), "precision": precision, "family": "glm_image",
+            "backend": gen.pipeline.backend.name, "bounds": bounds, "passed": passed, "cases": reports}
+
+
+def format_image_table(report: dict[str, Any]) -> str:
+    """A GLM-Image parity report (:func:`run_image_parity`) as a markdown table."""
+    lines = [f"parity: {report['engines']} (GLM-Image, {report['precision']}, {report['backend']}) vs reference "
+             f"{report['model']}", "",
+             "| case | target | prompt tok | source codes | prefill logits max abs | decode max logit err | top-1 "
+             "| greedy match |", "|---|---|---|---|---|---|---|---|"]
+    for c in report["cases"]:
+        lines.append(f"| {c['name']} | {c['target_size']} | {c['prompt_tokens']} "
+                     f"| {({True: 'identical', False: 'DIFFER', None: '-'})[c['source_codes_identical']]} "
+                     f"| {c['prefill_logits_max_abs']:.1e} "
+                     f"| {c['decode_max_logit_error']:.1e} | {c['top1_agreement']:.1%} "
+                     f"| {c['greedy_match_prefix']}/{c['greedy_tokens']}{' identical' if c['greedy_identical'] else ''} |")
+    lines += ["", f"bounds: max abs <= {report['bounds']['max_abs']:g}, source codes and greedy tokens identical "
+                  f"-> {'PASSED' if report['passed'] else 'FAILED'}"]
+    return "\n".join(lines)
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -308,6 +386,12 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _family(engines: str | Path) -> str | None:
+    from glmtrt.runtime.manifest import Manifest
+
+    return Manifest.load(engines, verify_hashes=False).family
+
+
 def parity_command(args) -> int:
     cases = None
     if args.prompt is not None or args.image:
@@ -315,9 +399,17 @@ def parity_command(args) -> int:
         for image in args.image or []:
             if not Path(image).is_file():
                 raise GlmTrtError(f"image {image!r} does not exist; pass an existing image file")
-    report = run_parity(args.engines, args.model, cases, steps=args.steps, provider=args.provider, threads=args.threads,
-                        backend=getattr(args, "backend", "onnxruntime"))
-    print(format_table(report))
+    if _family(args.engines) == "glm_image":
+        if getattr(args, "backend", "onnxruntime") == "trt":
+            raise GlmTrtError("GLM-Image folders run on ONNX Runtime only (no TensorRT backend for them yet); drop "
+                              "--backend trt")
+        report = run_image_parity(args.engines, args.model, provider=args.provider, threads=args.threads,
+                                  prompt=args.prompt, images=list(args.image or []))
+        print(format_image_table(report))
+    else:
+        report = run_parity(args.engines, args.model, cases, steps=args.steps, provider=args.provider,
+                            threads=args.threads, backend=getattr(args, "backend", "onnxruntime"))
+        print(format_table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")

@@ -405,6 +405,34 @@ def run_image_generation(stages: ImageStages, host: HostConfig, prompt: ImagePro
 
 # ---------------------------------------------------------------------------------------------- the runtime road
 
+class LogitsRecorder:
+    """Stages (:class:`ImageStages`) that pass everything through to ``stages`` and keep every logits array
+    (prefill, then each decode step) in ``logits``: what a parity check compares between two roads."""
+
+    def __init__(self, stages: ImageStages):
+        self.stages, self.logits = stages, []
+
+    def image_codes(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self.stages.image_codes(inputs)
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        return self.stages.embed(ids)
+
+    def start(self, batch: int, capacity: int):
+        state, kept = self.stages.start(batch, capacity), self.logits
+
+        class RecordingState:
+            def prefill(self, *args):
+                kept.append(np.array(state.prefill(*args), dtype=np.float32))
+                return kept[-1]
+
+            def step(self, *args):
+                kept.append(np.array(state.step(*args), dtype=np.float32))
+                return kept[-1]
+
+        return RecordingState()
+
+
 class _GraphStages:
     """The runtime's stages: the engines folder's graphs through a :class:`~glmtrt.runtime.pipeline.Pipeline`'s
     backend (its embedding table, graph lock and decode states)."""
@@ -600,11 +628,13 @@ def run_command(args) -> int:
 def run_image_command(args) -> int:
     """``glmtrt run --engines DIR --prompt TEXT [--image SRC] [--target-size HxW] [--out tokens.json]``."""
     inapplicable = [flag for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--stream", args.stream),
-                                             ("--system", args.system), ("--ignore-eos", args.ignore_eos))
+                                             ("--system", args.system), ("--ignore-eos", args.ignore_eos),
+                                             ("--video", getattr(args, "video", None)))
                     if value not in (None, False)]
     if inapplicable:
         raise InputError(f"{', '.join(inapplicable)} do{'es' if len(inapplicable) == 1 else ''} not apply to GLM-Image "
-                         "(the target grids fix the length; there is no text to stream); drop "
+                         "(it takes a prompt and optional source images; the target grids fix the length; there is no text "
+                         "to stream); drop "
                          f"{' '.join(inapplicable)}")
     target = parse_target_size(args.target_size) if args.target_size is not None else DEFAULT_TARGET_SIZE
     for image in args.image:
@@ -612,8 +642,10 @@ def run_image_command(args) -> int:
             raise InputError(f"image {image!r} does not exist; pass an existing image file")
     if args.out is not None:
         check_output_path(args.out)  # before any graph runs
+    from .pipeline import share_weights_option
+
     gen = ImageGenerator.from_engines(args.engines, provider=args.provider, verify_hashes=not args.no_verify,
-                                      threads=args.threads)
+                                      threads=args.threads, **share_weights_option(args))
     with gen:
         tokens = gen.generate(args.prompt, args.image, target_size=target, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,

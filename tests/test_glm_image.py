@@ -25,8 +25,8 @@ from glmtrt.reference.image_generate import ReferenceImageStages, generate_image
 from glmtrt.runtime.cli import main
 from glmtrt.runtime.errors import InputError
 from glmtrt.runtime.image_generation import (
-    IMAGE_TO_IMAGE, TEXT_TO_IMAGE, TOKENS_FORMAT, ImageGenerator, parse_target_size, run_image_generation,
-    target_grids,
+    IMAGE_TO_IMAGE, TEXT_TO_IMAGE, TOKENS_FORMAT, ImageGenerator, LogitsRecorder, parse_target_size,
+    run_image_generation, target_grids,
 )
 from glmtrt.runtime.manifest import Manifest
 from glmtrt.runtime.vision_tables import vision_tables
@@ -70,33 +70,6 @@ def request(gen, mode: str):
     if mode == "t2i":
         return gen.prepare(T2I["prompt"], (), T2I["target_size"])
     return gen.prepare(I2I["prompt"], [source_image()], I2I["target_size"])
-
-
-class Recorder:
-    """Stages that pass everything through and keep every logits array (prefill, then each decode step)."""
-
-    def __init__(self, stages):
-        self.stages, self.logits = stages, []
-
-    def image_codes(self, inputs):
-        return self.stages.image_codes(inputs)
-
-    def embed(self, ids):
-        return self.stages.embed(ids)
-
-    def start(self, batch, capacity):
-        state, kept = self.stages.start(batch, capacity), self.logits
-
-        class State:
-            def prefill(self, *args):
-                kept.append(np.array(state.prefill(*args), dtype=np.float32))
-                return kept[-1]
-
-            def step(self, *args):
-                kept.append(np.array(state.step(*args), dtype=np.float32))
-                return kept[-1]
-
-        return State()
 
 
 # ----------------------------------------------------------------------------------------------- the folder
@@ -164,7 +137,7 @@ def test_greedy_tokens_identical_between_reference_and_runtime(gen, model, mode)
     prompt = request(gen, mode)
     options = gen.options(temperature=0)
     assert options.greedy
-    runtime_road, reference_road = Recorder(gen.stages), Recorder(ReferenceImageStages(model))
+    runtime_road, reference_road = LogitsRecorder(gen.stages), LogitsRecorder(ReferenceImageStages(model))
     ours = run_image_generation(runtime_road, gen.host, prompt, options, num_codes=gen.num_codes)
     ref = run_image_generation(reference_road, gen.host, prompt, options, num_codes=gen.num_codes)
     assert ours.token_ids == ref.token_ids
@@ -341,6 +314,7 @@ def test_other_cli_mistakes_are_one_clear_line(folder, tmp_path, capsys):
         (["--image", str(tiny)], "GLM-Image source images need both sides >= 16 px"),
         (["--out", str(tmp_path)], "is a folder"),
         (["--max-new-tokens", "5"], "--max-new-tokens does not apply to GLM-Image"),
+        (["--video", str(tiny)], "--video does not apply to GLM-Image"),
         (["--image", str(tmp_path / "nope.png")], "does not exist"),
         (["--temperature", "-1"], "temperature must be >= 0"),
     ]
@@ -352,6 +326,24 @@ def test_other_cli_mistakes_are_one_clear_line(folder, tmp_path, capsys):
     (other / "manifest.json").write_text(json.dumps({"family": "glm_ocr"}))
     code, err = cli(capsys, "run", "--engines", str(other), "--prompt", "x", "--target-size", "1152x768")
     assert code == 2 and "--target-size is for GLM-Image engines folders" in err
+
+
+def test_parity_command_on_a_glm_image_folder(folder, tmp_path, capsys):
+    """`glmtrt parity` on a GLM-Image folder: both requests greedy on both roads, logits compared while the
+    tokens agree; the fp32 bounds hold."""
+    out = tmp_path / "parity.json"
+    code, _ = cli(capsys, "parity", "--engines", str(folder), "--json", str(out))
+    report = json.loads(out.read_text())
+    assert code == 0 and report["passed"] and report["family"] == "glm_image"
+    cases = {c["name"]: c for c in report["cases"]}
+    assert cases["text-to-image"]["source_codes_identical"] is None
+    assert cases["image-to-image"]["source_codes_identical"] is True
+    for c in cases.values():
+        assert c["greedy_identical"] and c["greedy_match_prefix"] == c["greedy_tokens"] > 0
+        assert max(c["prefill_logits_max_abs"], c["decode_max_logit_error"]) <= 1e-4 and c["top1_agreement"] == 1.0
+    assert main(["parity", "--engines", str(folder), "--backend", "trt"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("glmtrt parity: error: ") and "drop --backend trt" in err and "\n" not in err
 
 
 def test_parse_target_size_and_options():
