@@ -149,7 +149,10 @@ def fp32_islands(graph: ir.Graph, role: str, half_inputs: Iterable[str]) -> dict
             act.update(node.outputs)
         classes = _class_names(node)
         reason = _ISLAND_OPS.get(node.op_type) or next((r for c, r in _ISLAND_CLASSES.items() if c in classes), None)
-        if reason is None and any(c.endswith("Experts") for c in classes) and any(v in router for v in inputs):
+        # Only the float routing weights make a node part of the combine: the router's integer choices also
+        # index the experts' rows and weight slices (GroupedExperts / GatheredExperts), which stay half.
+        if reason is None and any(c.endswith("Experts") for c in classes) and any(
+                v in router and v.dtype == FLOAT for v in inputs):
             reason = "moe-combine"
         if reason is None and not is_act and any(o.dtype == FLOAT for o in node.outputs):
             reason = "host-tables"

@@ -134,6 +134,25 @@ def test_fp16_islands_are_fp32_where_the_reference_computes_in_fp32(plan):
     assert sum(1 for n in vision.graph.node if n.op_type == "Cast") > 0
 
 
+def test_fp16_moe_plan_keeps_the_combine_fp32_and_the_experts_half(plan):
+    """GLM-4.5V's exported MoE (grouped experts in prefill, gathered in decode): the routers and the weighted combine
+    are fp32 islands, while the experts' weights (indexed by the router's integer choices) are fp16."""
+    from onnx import TensorProto
+
+    from glmtrt.export.parity import run_parity
+
+    folder = plan("tiny-glm-4.5v", "fp16")
+    islands = Manifest.load(folder).plan["graphs"]
+    for role in ("prefill", "decode"):
+        assert islands[role]["fp32_islands"]["moe-router"] > 0 and islands[role]["fp32_islands"]["moe-combine"] > 0
+        # A combine is a few nodes per MoE layer: the experts' matmuls are not swept into it.
+        assert islands[role]["fp32_islands"]["moe-combine"] <= 8, islands[role]
+    stacked = [t for t in onnx.load(str(folder / "decode.onnx")).graph.initializer if len(t.dims) == 3]
+    assert stacked and all(t.data_type == TensorProto.FLOAT16 for t in stacked)  # gathered experts' weights
+    report = run_parity(folder, steps=8)
+    assert report["passed"], report["cases"]
+
+
 @pytest.mark.parametrize("preset,precision", list(BOUNDS))
 def test_plan_accuracy_within_bounds(plan, preset, precision):
     from glmtrt.export.accuracy import run_accuracy
