@@ -556,9 +556,10 @@ def _engines_folders(args, preset: str, log) -> list[Path]:
     return [folder]
 
 
-def _check_folder(folder: Path, preset: str) -> bool:
-    """Refuse a folder not exported from ``preset``; returns whether it stores its text weights once."""
+def _check_folder(folder: Path, preset: str) -> str | None:
+    """Refuse a folder not exported from ``preset``; returns why it cannot run with shared weights, or None."""
     from glmtrt.reference.config import preset as preset_config
+    from glmtrt.runtime.backends.onnxruntime import prepack_only_ops
     from glmtrt.runtime.manifest import Manifest
 
     manifest = Manifest.load(folder, verify_hashes=False)
@@ -567,7 +568,12 @@ def _check_folder(folder: Path, preset: str) -> bool:
     if manifest.config != want or source != preset or not manifest.extra.get("random_weights"):
         raise GlmTrtError(f"{str(folder)!r} was not exported from the preset {preset!r} (its source: {source!r}); the "
                           f"bench compares the same seeded weights on every road: pass folders exported from {preset}")
-    return bool(manifest.shared_weights)
+    if not manifest.shared_weights:
+        return "exported before the prefill and decode weights were stored once: re-export"
+    prepack_only = prepack_only_ops(manifest)
+    if prepack_only:
+        return f"its {', '.join(prepack_only)} kernels need their own prepacked weights"
+    return None
 
 
 def _transformers_available() -> bool:
@@ -634,10 +640,10 @@ def run_bench(args, log=None) -> dict[str, Any]:
         else:
             shared = road == "onnxruntime-shared"
             for folder in _engines_folders(args, preset, log):
-                shareable = _check_folder(folder, preset)
-                if shared and not shareable:
+                not_shareable = _check_folder(folder, preset)
+                if shared and not_shareable:
                     jobs.append({"label": f"onnxruntime {folder.name} (shared weights)", "kind": "onnxruntime",
-                                 "skip": "exported before the prefill and decode weights were stored once: re-export"})
+                                 "skip": not_shareable})
                     continue
                 jobs.append({"label": f"onnxruntime {folder.name}{' (shared weights)' if shared else ''}",
                              "kind": "onnxruntime", "engines": str(folder), "share_weights": shared})

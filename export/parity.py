@@ -347,6 +347,14 @@ def run_image_parity(engines: str | Path, model: str | Path | None = None, provi
             "backend": gen.pipeline.backend.name, "bounds": bounds, "passed": passed, "cases": reports}
 
 
+def _greedy_cell(case: dict[str, Any]) -> str:
+    return f"{case['greedy_match_prefix']}/{case['greedy_tokens']}{' identical' if case['greedy_identical'] else ''}"
+
+
+def _verdict(report: dict[str, Any]) -> str:
+    return "PASSED" if report["passed"] else "FAILED"
+
+
 def format_image_table(report: dict[str, Any]) -> str:
     """A GLM-Image parity report (:func:`run_image_parity`) as a markdown table."""
     lines = [f"parity: {report['engines']} (GLM-Image, {report['precision']}, {report['backend']}) vs reference "
@@ -358,9 +366,9 @@ def format_image_table(report: dict[str, Any]) -> str:
                      f"| {({True: 'identical', False: 'DIFFER', None: '-'})[c['source_codes_identical']]} "
                      f"| {c['prefill_logits_max_abs']:.1e} "
                      f"| {c['decode_max_logit_error']:.1e} | {c['top1_agreement']:.1%} "
-                     f"| {c['greedy_match_prefix']}/{c['greedy_tokens']}{' identical' if c['greedy_identical'] else ''} |")
+                     f"| {_greedy_cell(c)} |")
     lines += ["", f"bounds: max abs <= {report['bounds']['max_abs']:g}, source codes and greedy tokens identical "
-                  f"-> {'PASSED' if report['passed'] else 'FAILED'}"]
+                  f"-> {_verdict(report)}"]
     return "\n".join(lines)
 
 
@@ -380,9 +388,9 @@ def format_table(report: dict[str, Any]) -> str:
             f"| {num(c['prefill_logits_max_abs'])} | {num(c['prefill_logits_cosine'], '.6f')} | {num(c['prefill_cache_max_abs'])} "
             f"| {c['teacher_forced_top1']:.1%} ({c['teacher_forced_steps']} steps) | {num(c['teacher_forced_max_logit_error'])} "
             f"| {num(c.get('teacher_forced_mean_kl'))} "
-            f"| {c['greedy_match_prefix']}/{c['greedy_tokens']}{' identical' if c['greedy_identical'] else ''} |")
+            f"| {_greedy_cell(c)} |")
     lines += ["", f"bounds ({report['precision']}): {describe_bounds(report['bounds'])} "
-                  f"-> {'PASSED' if report['passed'] else 'FAILED'}"]
+                  f"-> {_verdict(report)}"]
     return "\n".join(lines)
 
 

@@ -43,7 +43,22 @@ from ..errors import GlmTrtError
 from ..manifest import Manifest, ManifestError
 from . import Backend, DecodeState, KVLayout
 
-__all__ = ["OrtBackend", "OrtConcatState", "OrtFixedCapacityState", "ort_providers"]
+__all__ = ["OrtBackend", "OrtConcatState", "OrtFixedCapacityState", "ort_providers", "prepack_only_ops"]
+
+# Graphs run once per image or request, with large, shape-dependent intermediates (GLM-OCR: ~1.5 GB for a
+# 4096-patch image). ONNX Runtime's memory pattern (one planned block per input shape, kept from a session's second
+# run on; off for every session) and its CPU arena (freed blocks kept for good; off for these) would hold that
+# memory after the call: +2.5 GB of process peak from the second request on (GLM-OCR fp32, `glmtrt bench
+# --repeats 2`), for no measurable speed. Decode keeps its arena: small allocations every step.
+ONE_CALL_ROLES = ("vision", "prefill")
+# Contrib ops whose CPU kernels are fast only on their own prepacked weights (MatMulNBits: decode ~60x slower
+# unpacked, measured on the cpu-int4 plan of GLM-OCR): share_weights refuses plans that use them.
+PREPACK_ONLY_OPS = ("com.microsoft.MatMulNBits",)
+
+
+def prepack_only_ops(manifest: Manifest) -> list[str]:
+    """The ops of a folder's plan (short names) that make ``share_weights`` unsuitable; [] when it suits."""
+    return [op.rsplit(".", 1)[-1] for op in sorted(set(manifest.plan.get("contrib_ops", [])) & set(PREPACK_ONLY_OPS))]
 
 # ONNX TensorProto data types the shared-weights map can hand to ONNX Runtime as numpy arrays.
 _ONNX_DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64, 10: np.float16,
@@ -100,6 +115,8 @@ class OrtBackend(Backend):
         for role, spec in manifest.graphs.items():
             path = self.folder / spec.file
             session_options = options
+            if role in ONE_CALL_ROLES:
+                session_options = self._session_options(ort, threads, levels[optimization_level], one_call=True)
             if role in shared:
                 session_options = self._session_options(ort, threads, levels[optimization_level])
                 session_options.add_session_config_entry("session.disable_prepacking", "1")
@@ -122,13 +139,16 @@ class OrtBackend(Backend):
         self.kv = KVLayout(manifest)
 
     @staticmethod
-    def _session_options(ort, threads: int | None, level):
+    def _session_options(ort, threads: int | None, level, one_call: bool = False):
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = level
+        options.enable_mem_pattern = False
+        if one_call:
+            options.enable_cpu_mem_arena = False
         return options
 
     def _shared_initializers(self, ort) -> dict[str, list[tuple[str, Any]]]:
@@ -137,6 +157,12 @@ class OrtBackend(Backend):
         if not record:
             raise GlmTrtError(f"{str(self.folder)!r} stores the prefill and decode weights separately (exported by an "
                               "older glmtrt); re-export it to use share_weights")
+        needs_prepacking = prepack_only_ops(self.manifest)
+        if needs_prepacking:
+            raise GlmTrtError(f"share_weights does not suit this {self.manifest.precision} plan: its "
+                              f"{', '.join(needs_prepacking)} kernels need their own "
+                              "prepacked weights (unpacked, decode runs tens of times slower); drop share_weights or "
+                              "use the cpu-int8 plan")
         data = np.memmap(self.folder / record["file"], dtype=np.uint8, mode="r")
         values: dict[tuple[int, int, int], Any] = {}  # one OrtValue per stored tensor, whichever graph names it
         shared: dict[str, list[tuple[str, Any]]] = {}
