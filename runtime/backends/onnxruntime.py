@@ -108,17 +108,14 @@ class OrtBackend(Backend):
                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                   "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-        options = self._session_options(ort, threads, levels[optimization_level])
         self.sessions = {}
         self.shared_bytes = 0  # bytes of weights held once for several sessions (share_weights)
         shared = self._shared_initializers(ort) if share_weights else {}
         for role, spec in manifest.graphs.items():
             path = self.folder / spec.file
-            session_options = options
-            if role in ONE_CALL_ROLES:
-                session_options = self._session_options(ort, threads, levels[optimization_level], one_call=True)
+            session_options = self._session_options(ort, threads, levels[optimization_level],
+                                                    one_call=role in ONE_CALL_ROLES)
             if role in shared:
-                session_options = self._session_options(ort, threads, levels[optimization_level])
                 session_options.add_session_config_entry("session.disable_prepacking", "1")
                 for name, value in shared[role]:
                     session_options.add_initializer(name, value)
