@@ -52,7 +52,7 @@ import onnx_ir as ir
 from glmtrt.runtime.errors import GlmTrtError
 from glmtrt.runtime.manifest import MANIFEST_NAME, GraphSpec, Manifest, TensorSpec, sha256_file
 
-from .shared_weights import graph_weight_bytes, share_text_weights
+from .shared_weights import share_text_weights
 
 FLOAT, HALF = ir.DataType.FLOAT, ir.DataType.FLOAT16
 FP16_MAX = float(np.finfo(np.float16).max)
@@ -488,9 +488,9 @@ def _save(model: ir.Model, path: Path) -> None:
 
 def _large(path: Path) -> bool:
     """Whether a graph's weights need external data when rewritten (a protobuf cannot exceed 2 GiB)."""
-    from .onnx import EXTERNAL_DATA_THRESHOLD
+    from .onnx import EXTERNAL_DATA_THRESHOLD, weight_bytes
 
-    return graph_weight_bytes(path) > EXTERNAL_DATA_THRESHOLD
+    return weight_bytes(ir.load(str(path))) > EXTERNAL_DATA_THRESHOLD  # external weights are not read
 
 
 def _op_counts(path: Path) -> dict[str, int]:

@@ -18,7 +18,6 @@ import hashlib
 import os
 from pathlib import Path
 
-import numpy as np
 import onnx
 from onnx import numpy_helper
 
@@ -86,15 +85,3 @@ def share_text_weights(folder: Path, graph_files: dict[str, str]) -> dict:
     os.replace(tmp, folder / SHARED_WEIGHTS_FILE)
     return {"file": SHARED_WEIGHTS_FILE, "bytes": (folder / SHARED_WEIGHTS_FILE).stat().st_size, "graphs": table}
 
-
-def graph_weight_bytes(path: Path) -> int:
-    """Bytes of a saved graph's initializers, inside the protobuf or in external data (read without the data)."""
-    model = onnx.load(str(path), load_external_data=False)
-    total = 0
-    for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            total += int({e.key: e.value for e in tensor.external_data}.get("length", 0))
-        else:
-            total += len(tensor.raw_data) or np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize \
-                * int(np.prod(tensor.dims, dtype=np.int64))
-    return total
