@@ -134,16 +134,18 @@ KV_CACHE = {
 }
 
 
-def split_softmax_attention(q, k_new, v_new, past_key, past_value, valid, scale: float,
+def split_softmax_attention(q, k_new, v_new, past_key, past_value, bias, scale: float,
                             capacity_last: bool = True) -> torch.Tensor:
     """One query per row over a cache plus the new key, without concatenating the cache or repeating K/V.
 
     q: (B, kv_heads, groups, D) (query head h = kv_head * groups + group, the reference's repeat_interleave
     order); k_new, v_new: (B, kv_heads, 1, D); past_key, past_value: (B, kv_heads, D, C), the cache stored
-    transposed; valid: bool broadcastable to (B, 1, 1, C). The scores against the cache (masked like the
-    reference, with finfo.min) and against the new key are concatenated (C + 1 per query head: tiny), scaled,
-    softmax in fp32 and cast back as in the reference, then the weighted sum reads V once:
-    ``probs[:C] @ V + probs[C] * v_new``. Returns (B, 1, heads * D).
+    transposed; bias: (B, 1, 1, 1, C) in q's dtype, 0 for a valid slot and finfo.min for a masked one
+    (:func:`mask_bias`, computed once per step for all layers). The scores against the cache (masked like the
+    reference: in fp32 any score below 1e31 in size plus finfo.min rounds to finfo.min exactly; in an fp16
+    plan a masked score may round to -inf, which softmax maps to 0 all the same) and against the new key are
+    concatenated (C + 1 per query head: tiny), scaled, softmax in fp32 and cast back as in the reference, then
+    the weighted sum reads V once: ``probs[:C] @ V + probs[C] * v_new``. Returns (B, 1, heads * D).
 
     Shaped for ONNX Runtime's CPU kernels (measured with real-size GLM-OCR; see export/bench.py):
     * each query head is its own one-row product against its KV head's cache, the cache broadcast over the
@@ -154,7 +156,9 @@ def split_softmax_attention(q, k_new, v_new, past_key, past_value, valid, scale:
       cache the same kernels walk rows of 128 and a step at 4k context cost about twice as much;
     * the scale multiplies after the mask (for valid slots the scores are ``(q k) * scale``, as in the
       reference), not a MatMul's input or output, where ONNX Runtime would fold it into the product's alpha,
-      which leaves the GEMV kernels.
+      which leaves the GEMV kernels;
+    * the mask is an added bias rather than a ``Where`` on the broadcast boolean mask: ONNX Runtime's broadcast
+      ``Where`` cost about 1 ms per step at 4k context over 16 layers, the ``Add`` a third of that.
 
     ``capacity_last=False`` takes (B, kv_heads, C, D) caches (the "bhcd" layout of the first exports).
     """
@@ -162,8 +166,7 @@ def split_softmax_attention(q, k_new, v_new, past_key, past_value, valid, scale:
     q = q.unsqueeze(3)  # (B, KVH, G, 1, D)
     keys_t = past_key.unsqueeze(2) if capacity_last else past_key.unsqueeze(2).transpose(-1, -2)  # (B, KVH, 1, D, C)
     values = past_value.unsqueeze(2).transpose(-1, -2) if capacity_last else past_value.unsqueeze(2)  # (.., C, D)
-    scores = torch.matmul(q, keys_t)  # (B, KVH, G, 1, C): reads K once
-    scores = torch.where(valid.unsqueeze(2), scores, torch.finfo(scores.dtype).min)
+    scores = torch.matmul(q, keys_t) + bias  # (B, KVH, G, 1, C): reads K once
     own = torch.matmul(q, k_new.unsqueeze(2).transpose(-1, -2))  # (B, KVH, G, 1, 1)
     scores = torch.cat([scores, own], dim=-1) * scale
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
@@ -172,7 +175,14 @@ def split_softmax_attention(q, k_new, v_new, past_key, past_value, valid, scale:
     return out.reshape(b, 1, kv_heads * groups * d)
 
 
-def _decode_attention(attn, x, cos, sin, valid, past_key, past_value, capacity_last: bool = True):
+def mask_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """attention_mask (B, C) int64 (1 valid, 0 masked) -> (B, 1, 1, 1, C) ``dtype``: 0 where valid, finfo.min
+    where masked, the additive form of the reference's ``masked_fill`` for :func:`split_softmax_attention`."""
+    bias = torch.where(attention_mask.bool(), 0.0, torch.finfo(dtype).min).to(dtype)
+    return bias[:, None, None, None, :]
+
+
+def _decode_attention(attn, x, cos, sin, bias, past_key, past_value, capacity_last: bool = True):
     """``TextAttention.forward`` for one token over a fixed-capacity cache: same projections and rotary."""
     c = attn.config
     b = x.shape[0]
@@ -182,7 +192,7 @@ def _decode_attention(attn, x, cos, sin, valid, past_key, past_value, capacity_l
     q = apply_rotary(attn.q_proj(x).view(b, c.num_kv_heads, groups, c.head_dim), cos, sin, c.rope_interleaved)
     k = apply_rotary(attn.k_proj(x).view(b, c.num_kv_heads, 1, c.head_dim), cos, sin, c.rope_interleaved)
     v = attn.v_proj(x).view(b, c.num_kv_heads, 1, c.head_dim)
-    out = split_softmax_attention(q, k, v, past_key, past_value, valid, c.head_dim**-0.5, capacity_last)
+    out = split_softmax_attention(q, k, v, past_key, past_value, bias, c.head_dim**-0.5, capacity_last)
     return attn.o_proj(out), k, v
 
 
@@ -204,11 +214,11 @@ class DecodeGraph(nn.Module):
     def forward(self, inputs_embeds, position_ids, attention_mask, past_key_values: list[torch.Tensor]):
         text = self.model.model.language_model
         cos, sin = mrope_cos_sin(text.config, position_ids, inputs_embeds.dtype)
-        valid = attention_mask.bool()[:, None, None, :]
+        bias = mask_bias(attention_mask, inputs_embeds.dtype)
         x = inputs_embeds
         keys, values = [], []
         for i, layer in enumerate(text.layers):  # DecoderLayer.forward with the attention above
-            attn, key, value = _decode_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, valid,
+            attn, key, value = _decode_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, bias,
                                                  past_key_values[2 * i], past_key_values[2 * i + 1], self.capacity_last)
             if layer.sandwich:
                 attn = layer.post_self_attn_layernorm(attn)
