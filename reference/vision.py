@@ -27,19 +27,30 @@ def apply_vision_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -
     return out.to(x.dtype)
 
 
+# Heads per attention product. One 4096-patch page has (16, N, N) fp32 scores of 1 GiB (and as much again for
+# the probabilities); four heads at a time hold a quarter of that. Each head's arithmetic is unchanged.
+HEADS_PER_PRODUCT = 4
+
+
 def segment_attention(q, k, v, segment_ids: torch.Tensor | None, scale: float) -> torch.Tensor:
     """Non-causal attention restricted to patches of the same image/frame.
 
     q, k, v: (N, heads, hd); segment_ids: int64 (N,), or None when all patches are one image (no mask: what
-    the one-image-per-call vision graph computes). Softmax in fp32. Returns (N, heads*hd).
+    the one-image-per-call vision graph computes). Softmax in fp32, over ``HEADS_PER_PRODUCT`` heads at a time
+    (the exported graph inherits the chunks, so ONNX Runtime holds a quarter of the score memory).
+    Returns (N, heads*hd).
     """
     q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # (heads, N, hd)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if segment_ids is not None:
-        same = segment_ids[:, None] == segment_ids[None, :]
-        scores = torch.where(same, scores, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(probs, v).transpose(0, 1).flatten(1)
+    same = None if segment_ids is None else segment_ids[:, None] == segment_ids[None, :]
+    outputs = []
+    for h in range(0, q.shape[0], HEADS_PER_PRODUCT):
+        heads = slice(h, h + HEADS_PER_PRODUCT)
+        scores = torch.matmul(q[heads], k[heads].transpose(-1, -2)) * scale
+        if same is not None:
+            scores = torch.where(same, scores, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        outputs.append(torch.matmul(probs, v[heads]))
+    return torch.cat(outputs).transpose(0, 1).flatten(1)
 
 
 class PatchEmbed(nn.Module):
