@@ -373,3 +373,17 @@ def test_killed_export_leaves_no_folder_and_a_rerun_succeeds(tmp_path, monkeypat
     assert f"to {out} in " in printed
     assert Manifest.load(out).family == "glm_ocr"
     assert not list(tmp_path.glob(".engines.*"))  # the killed run's partial folder was cleaned up
+
+
+def test_attention_cost_command_runs(capsys):
+    """The README's decode-attention comparison, on the tiny preset: the three formulations attend over the same
+    keys and values and give the same outputs, and the table is printed."""
+    from glmtrt.export.attention_cost import FORMULATIONS, main, measure
+
+    results = measure("tiny-glm-ocr", contexts=(8, 40), repeats=1)
+    assert set(results) == set(FORMULATIONS)
+    for name, rows in results.items():
+        for row in rows.values():
+            assert row["ms"] > 0 and row["max_abs_vs_split_softmax"] <= 1e-5, (name, row)
+    assert main(["--preset", "tiny-glm-ocr", "--context", "8", "--repeats", "1", "--formulations", "split-softmax"]) == 0
+    assert "| split-softmax | " in capsys.readouterr().out

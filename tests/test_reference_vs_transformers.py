@@ -152,3 +152,20 @@ def test_half_precision_follows_transformers(hf_checkpoints, name, dtype):
     print(f"{name} {dtype}: ours vs transformers {ours_vs_hf:.2e}, transformers half vs fp32 {half_vs_fp32:.2e}")
     assert half_vs_fp32 > 0
     assert ours_vs_hf <= 0.1 * half_vs_fp32
+
+
+@pytest.mark.parametrize("segments", [None, [0] * 20 + [1] * 17 + [2] * 13])
+def test_vision_attention_in_head_chunks_equals_all_heads_at_once(segments):
+    """``segment_attention`` runs HEADS_PER_PRODUCT heads per product (a quarter of the score memory on a real
+    page); with 10 heads (chunks of 4, 4, 2) it equals the one-product attention over all heads."""
+    from glmtrt.reference.vision import HEADS_PER_PRODUCT, segment_attention
+
+    assert 10 % HEADS_PER_PRODUCT != 0  # the last chunk is a partial one
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(50, 10, 8, generator=gen) for _ in range(3))
+    ids = None if segments is None else torch.tensor(segments)
+    scores = torch.matmul(q.transpose(0, 1), k.transpose(0, 1).transpose(-1, -2)) * 8**-0.5
+    if ids is not None:
+        scores = torch.where(ids[:, None] == ids[None, :], scores, torch.finfo(scores.dtype).min)
+    expected = torch.matmul(torch.softmax(scores, dim=-1), v.transpose(0, 1)).transpose(0, 1).flatten(1)
+    torch.testing.assert_close(segment_attention(q, k, v, ids, 8**-0.5), expected, rtol=0, atol=1e-6)
