@@ -6,6 +6,8 @@ Roads (each in its own subprocess, so each has its own peak memory and thread se
 * ``transformers-fp32`` / ``transformers-bf16``: transformers' model class built from the preset's config
   (eager attention), loaded with the reference's weights (identical state-dict keys); its own image processor;
   the stages driven like ``generate`` does (vision, merge, prefill with the 3-D positions, a DynamicCache decode).
+  transformers is a test-only oracle, so this road's worker is ``tests/bench_transformers.py`` (a source checkout
+  has it; elsewhere the rows are skipped and say why).
 * ``reference``: :mod:`glmtrt.reference` in fp32, stage by stage on the shared host functions.
 * ``onnxruntime``: every engines folder given (default: the preset exported once to ``<cache>/bench-<preset>``),
   through the torch-free :class:`~glmtrt.runtime.pipeline.Pipeline`.
@@ -20,6 +22,7 @@ context), and peak RSS per stage (the kernel's high-water mark, reset before eac
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -30,7 +33,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -149,7 +151,7 @@ def _summary(runs: list[dict], prompt_tokens: int) -> dict[str, float | None]:
     return out
 
 
-def _random_past(layers: int, kv_heads: int, length: int, head_dim: int, seed: int = 0) -> list[np.ndarray]:
+def random_past(layers: int, kv_heads: int, length: int, head_dim: int, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.standard_normal((1, kv_heads, length, head_dim), dtype=np.float32) for _ in range(2 * layers)]
 
@@ -204,11 +206,11 @@ def _work_reference(spec: dict, memory: PeakMemory, log) -> dict:
                 tokens.append(int(logits.float().argmax(-1)[0]))
             s.stop("decode")
             del keys, values
-        runs.append(_run_record(s, tokens, spec))
-        log(f"repeat {repeat + 1}: {_brief(runs[-1])}")
+        runs.append(run_record(s, tokens, spec))
+        log(f"repeat {repeat + 1}: {brief(runs[-1])}")
 
     def step_fn(length):
-        past = [torch.from_numpy(a) for a in _random_past(t.num_layers, t.num_kv_heads, length, t.head_dim)]
+        past = [torch.from_numpy(a) for a in random_past(t.num_layers, t.num_kv_heads, length, t.head_dim)]
         keys, values = past[0::2], past[1::2]
         embeds = torch.randn(1, 1, t.hidden_size, generator=torch.Generator().manual_seed(length))
 
@@ -221,132 +223,7 @@ def _work_reference(spec: dict, memory: PeakMemory, log) -> dict:
         return step
 
     return {"runs": runs, "load_gib": load_gib, "prompt_tokens": len(ids), "patches": int(vision_inputs.pixel_values.shape[0]),
-            "context": _sweep(spec, step_fn, memory, log)}
-
-
-def _hf_model(preset: str, dtype):
-    import torch
-    import transformers
-
-    from glmtrt.reference import load_reference
-
-    reference = load_reference(preset)
-    hf_dict = dict(reference.config.hf_config)
-    names = {"glm_ocr": ("GlmOcrConfig", "GlmOcrForConditionalGeneration"),
-             "glm4v": ("Glm4vConfig", "Glm4vForConditionalGeneration"),
-             "glm4v_moe": ("Glm4vMoeConfig", "Glm4vMoeForConditionalGeneration")}
-    config_name, model_name = names[hf_dict.pop("model_type")]
-    config = getattr(transformers, config_name)(**hf_dict)
-    for c in (config, config.text_config, config.vision_config):
-        c._attn_implementation = "eager"
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers
-        from transformers.modeling_utils import no_init_weights
-    with no_init_weights():  # skip the random init: every weight is replaced next
-        model = getattr(transformers, model_name)(config)
-    # assign: the model takes the reference's tensors (identical keys), so the weights are never held twice
-    # (the untouched empty parameters are freed without ever becoming resident).
-    model.load_state_dict(reference.state_dict(), strict=True, assign=True)
-    del reference
-    if hasattr(model.config, "experts_implementation"):
-        model.config.experts_implementation = "eager"
-    return model.to(dtype).eval()
-
-
-def _work_transformers(spec: dict, memory: PeakMemory, log) -> dict:
-    import gc
-
-    import torch
-    from transformers import DynamicCache
-
-    from glmtrt.reference.config import preset as preset_config
-    from glmtrt.reference.generate import PromptBatch, host_plan
-    from glmtrt.runtime.preprocess import ImageProcessorConfig, preprocess_images
-
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]]
-    model = _hf_model(spec["preset"], dtype)
-    gc.collect()
-    c = model.config
-    v, t = c.vision_config, c.text_config
-    processor_config = ImageProcessorConfig(patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
-                                            merge_size=v.spatial_merge_size)
-    try:
-        from transformers import Glm4vImageProcessorPil
-
-        processor, note = Glm4vImageProcessorPil(**processor_config.to_dict()), None
-    except ImportError:  # older transformers: glmtrt's host preprocessing stands in
-        processor, note = None, "preprocessing by glmtrt's host functions (no Glm4vImageProcessorPil)"
-    image = bench_image(spec["image_size"])
-    plan_model = SimpleNamespace(config=preset_config(spec["preset"]))  # what host_plan reads
-    runs = []
-    load_gib = memory.current_gib()
-    image_token = c.image_token_id
-    for repeat in range(spec["repeats"]):
-        s = Stages(memory)
-        with torch.no_grad():
-            s.start()
-            if processor is not None:
-                out = processor(images=[image], return_tensors="np")
-                pixels, grid = np.asarray(out["pixel_values"], np.float32), np.asarray(out["image_grid_thw"], np.int64)
-            else:
-                vi = preprocess_images([image], processor_config)
-                pixels, grid = vi.pixel_values, vi.grid_thw
-            image_tokens = int(grid[0].prod()) // v.spatial_merge_size**2
-            ids = prompt_ids(plan_model.config.to_dict(), image_tokens, spec["prompt"])
-            # Positions: transformers' get_rope_index equals the host plan (proven in tests/test_positions.py).
-            plan = host_plan(plan_model, PromptBatch(input_ids=np.array([ids]), pixel_values=pixels, image_grid_thw=grid))
-            s.stop("preprocess")
-            s.start()
-            features = model.model.get_image_features(torch.from_numpy(pixels), torch.from_numpy(grid))
-            features = getattr(features, "pooler_output", features)
-            if isinstance(features, (list, tuple)):
-                features = torch.cat(list(features))
-            s.stop("vision")
-            s.start()
-            input_ids = torch.tensor([ids])
-            embeds = model.get_input_embeddings()(input_ids)
-            slots = (input_ids == image_token)[..., None].expand_as(embeds)
-            embeds = embeds.masked_scatter(slots, features.to(embeds.dtype))
-            mask = torch.ones_like(input_ids)
-            out = model(inputs_embeds=embeds, position_ids=torch.from_numpy(plan.position_ids), attention_mask=mask,
-                        use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
-            tokens = [int(out.logits[0, -1].float().argmax())]
-            del out
-            s.stop("prefill")
-            s.start()
-            for step in range(spec["new_tokens"] - 1):
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                out = model(input_ids=torch.tensor([[tokens[-1]]]), position_ids=torch.from_numpy(plan.decode_positions(step)),
-                            attention_mask=mask, past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
-                tokens.append(int(out.logits[0, -1].float().argmax()))
-            s.stop("decode")
-            del cache, out
-        runs.append(_run_record(s, tokens, spec))
-        log(f"repeat {repeat + 1}: {_brief(runs[-1])}")
-
-    def step_fn(length):
-        past = _random_past(t.num_hidden_layers, t.num_key_value_heads, length, t.head_dim)
-        cache = DynamicCache(config=c)
-        for layer in range(t.num_hidden_layers):
-            cache.update(torch.from_numpy(past[2 * layer]).to(dtype), torch.from_numpy(past[2 * layer + 1]).to(dtype), layer)
-        del past
-
-        def step(i):
-            mask = torch.ones(1, length + i + 1, dtype=torch.int64)
-            positions = torch.full((3, 1, 1), length + i, dtype=torch.int64)
-            with torch.no_grad():
-                model(input_ids=torch.tensor([[7]]), position_ids=positions, attention_mask=mask, past_key_values=cache,
-                      use_cache=True)
-        return step
-
-    result = {"runs": runs, "load_gib": load_gib, "prompt_tokens": len(ids), "patches": int(pixels.shape[0]),
-              "context": _sweep(spec, step_fn, memory, log)}
-    if note:
-        result["note"] = note
-    return result
+            "context": sweep(spec, step_fn, memory, log)}
 
 
 def _work_onnxruntime(spec: dict, memory: PeakMemory, log) -> dict:
@@ -377,8 +254,8 @@ def _work_onnxruntime(spec: dict, memory: PeakMemory, log) -> dict:
         # Stage times are the pipeline's own; its preprocess_s (host plan) adds to the image preprocessing.
         s.seconds.update(preprocess_s=s.seconds["preprocess_s"] + t["preprocess_s"], vision_s=t["vision_s"],
                          prefill_s=t["prefill_s"], decode_s=t["decode_s"])
-        runs.append(_run_record(s, result.token_ids, spec))
-        log(f"repeat {repeat + 1}: {_brief(runs[-1])}")
+        runs.append(run_record(s, result.token_ids, spec))
+        log(f"repeat {repeat + 1}: {brief(runs[-1])}")
 
     text = manifest.config["text"]
     backend = probe.backend
@@ -387,7 +264,7 @@ def _work_onnxruntime(spec: dict, memory: PeakMemory, log) -> dict:
         import numpy as np
 
         state = backend.start_decode(1, length + spec["context_steps"] + 1)
-        state.load(_random_past(int(text["num_layers"]), int(text["num_kv_heads"]), length, int(text["head_dim"])))
+        state.load(random_past(int(text["num_layers"]), int(text["num_kv_heads"]), length, int(text["head_dim"])))
         embeds = np.random.default_rng(length).standard_normal((1, 1, int(text["hidden_size"])), dtype=np.float32)
 
         def step(i):
@@ -396,7 +273,7 @@ def _work_onnxruntime(spec: dict, memory: PeakMemory, log) -> dict:
 
     out = {"runs": runs, "load_gib": load_gib, "prompt_tokens": len(ids), "patches": int(vision_inputs.pixel_values.shape[0]),
            "precision": manifest.precision, "kv_cache": (manifest.extra.get("kv_cache") or {}).get("mode", "concat"),
-           "backend": backend.name, "context": _sweep(spec, step_fn, memory, log)}
+           "backend": backend.name, "context": sweep(spec, step_fn, memory, log)}
     return out
 
 
@@ -437,7 +314,7 @@ class _StageProbe:
         self.stages.close("decode")
 
 
-def _run_record(s: Stages, tokens, spec: dict) -> dict:
+def run_record(s: Stages, tokens, spec: dict) -> dict:
     record = dict(s.seconds)
     record["ttft_s"] = record["preprocess_s"] + record["vision_s"] + record["prefill_s"]
     steps = spec["new_tokens"] - 1
@@ -448,13 +325,13 @@ def _run_record(s: Stages, tokens, spec: dict) -> dict:
     return record
 
 
-def _brief(run: dict) -> str:
+def brief(run: dict) -> str:
     tps = run["decode_tokens_per_s"]
     return (f"vision {run['vision_s']:.2f} s, prefill {run['prefill_s']:.2f} s, ttft {run['ttft_s']:.2f} s, decode "
             f"{tps:.2f} tok/s, peak {max(run['peak_gib'].values()):.2f} GiB" if tps else "decode -")
 
 
-def _sweep(spec: dict, step_fn, memory: PeakMemory, log) -> list[dict]:
+def sweep(spec: dict, step_fn, memory: PeakMemory, log) -> list[dict]:
     """Per-step decode time over a synthetic past of each ``spec["contexts"]`` length: one warm-up step each, then
     the contexts take turns step by step (round robin), so a machine's changing load falls on all of them alike."""
     if not spec["contexts"]:
@@ -480,10 +357,14 @@ def _sweep(spec: dict, step_fn, memory: PeakMemory, log) -> list[dict]:
     return rows
 
 
-WORKERS = {"reference": _work_reference, "transformers": _work_transformers, "onnxruntime": _work_onnxruntime}
+WORKERS = {"reference": _work_reference, "onnxruntime": _work_onnxruntime}
+# transformers is a test-only oracle (glmtrt's packages never import it): its roads run the worker of the test
+# oracle, tests/bench_transformers.py, which a glmtrt source checkout (an editable install) has beside export/.
+TRANSFORMERS_WORKER = Path(__file__).resolve().parents[1] / "tests" / "bench_transformers.py"
 
 
-def worker_main(spec_path: str, out_path: str) -> int:
+def worker_main(spec_path: str, out_path: str, workers=None) -> int:
+    """Run one road (``spec["kind"]``, by ``workers``, default :data:`WORKERS`) in this process; write its result."""
     spec = json.loads(Path(spec_path).read_text())
     memory = PeakMemory()
     label = spec["label"]
@@ -496,7 +377,7 @@ def worker_main(spec_path: str, out_path: str) -> int:
 
         torch.set_num_threads(spec["threads"])
     started = time.perf_counter()
-    result = WORKERS[spec["kind"]](spec, memory, log)
+    result = (workers or WORKERS)[spec["kind"]](spec, memory, log)
     result["seconds"] = time.perf_counter() - started
     result["peak_memory_resettable"] = memory.resettable
     Path(out_path).write_text(json.dumps(result))
@@ -576,12 +457,14 @@ def _check_folder(folder: Path, preset: str) -> str | None:
     return None
 
 
-def _transformers_available() -> bool:
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _transformers_unavailable() -> str | None:
+    """Why the transformers roads cannot run here, or None."""
+    if importlib.util.find_spec("transformers") is None:
+        return "transformers is not installed"
+    if not TRANSFORMERS_WORKER.is_file():
+        return (f"its worker {TRANSFORMERS_WORKER.name} (the test oracle) comes with a glmtrt source checkout, not "
+                "with this install")
+    return None
 
 
 def _run_worker(spec: dict, log) -> dict:
@@ -593,8 +476,8 @@ def _run_worker(spec: dict, log) -> dict:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec_path.write_text(json.dumps(spec))
         log(f"{spec['label']}: running")
-        proc = subprocess.run([sys.executable, "-m", "glmtrt.export.bench", "--worker", str(spec_path), str(out_path)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        program = [str(TRANSFORMERS_WORKER)] if spec["kind"] == "transformers" else ["-m", "glmtrt.export.bench"]
+        proc = subprocess.run([sys.executable, *program, "--worker", str(spec_path), str(out_path)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         for line in proc.stderr.splitlines():
             if line.startswith("  ["):
                 log(line.strip())
@@ -627,14 +510,11 @@ def run_bench(args, log=None) -> dict[str, Any]:
                  "context_steps": args.context_steps}
     jobs: list[dict] = []
     notes: list[str] = []
-    have_hf = _transformers_available()
+    hf_missing = _transformers_unavailable()
     for road in roads:
         if road.startswith("transformers"):
-            dtype = road.split("-")[1]
-            if not have_hf:
-                jobs.append({"label": road, "kind": "transformers", "dtype": dtype, "skip": "transformers is not installed"})
-            else:
-                jobs.append({"label": road, "kind": "transformers", "dtype": dtype})
+            jobs.append({"label": road, "kind": "transformers", "dtype": road.split("-")[1],
+                         **({"skip": hf_missing} if hf_missing else {})})
         elif road == "reference":
             jobs.append({"label": "reference-fp32", "kind": "reference", "dtype": "fp32"})
         else:
@@ -647,8 +527,8 @@ def run_bench(args, log=None) -> dict[str, Any]:
                     continue
                 jobs.append({"label": f"onnxruntime {folder.name}{' (shared weights)' if shared else ''}",
                              "kind": "onnxruntime", "engines": str(folder), "share_weights": shared})
-    if not have_hf and any(r.startswith("transformers") for r in roads):
-        notes.append("transformers is not installed: its rows are skipped and no ratios are given")
+    if hf_missing and any(r.startswith("transformers") for r in roads):
+        notes.append(f"transformers roads skipped ({hf_missing}): no ratios are given")
 
     from glmtrt.reference.config import preset as preset_config
 

@@ -89,7 +89,7 @@ def _args(**overrides):
 def test_bench_without_transformers_skips_its_rows(exported, monkeypatch):
     from glmtrt.export import bench
 
-    monkeypatch.setattr(bench, "_transformers_available", lambda: False)
+    monkeypatch.setattr(bench, "_transformers_unavailable", lambda: "transformers is not installed")
     report = bench.run_bench(_args(engines=[str(exported("tiny-glm-ocr"))], roads="transformers-fp32,onnxruntime"),
                              log=lambda line: None)
     hf, ort = report["roads"]
@@ -99,6 +99,15 @@ def test_bench_without_transformers_skips_its_rows(exported, monkeypatch):
     assert report["goals"] == []  # nothing to compare with
     table = bench.format_table(report)
     assert "| transformers-fp32 | skipped: transformers is not installed |" in table
+
+
+def test_bench_without_the_oracle_worker_says_so(monkeypatch, tmp_path):
+    """An install without the source checkout's tests/ has no transformers worker: the roads are skipped, saying why."""
+    from glmtrt.export import bench
+
+    monkeypatch.setattr(bench, "TRANSFORMERS_WORKER", tmp_path / "tests" / "bench_transformers.py")
+    reason = bench._transformers_unavailable()
+    assert reason is not None and "source checkout" in reason
 
 
 @pytest.mark.parametrize("overrides,message", [
