@@ -419,18 +419,24 @@ class LogitsRecorder:
         return self.stages.embed(ids)
 
     def start(self, batch: int, capacity: int):
-        state, kept = self.stages.start(batch, capacity), self.logits
+        return _RecordingState(self.stages.start(batch, capacity), self.logits)
 
-        class RecordingState:
-            def prefill(self, *args):
-                kept.append(np.array(state.prefill(*args), dtype=np.float32))
-                return kept[-1]
 
-            def step(self, *args):
-                kept.append(np.array(state.step(*args), dtype=np.float32))
-                return kept[-1]
+class _RecordingState:
+    """A decode state that appends a float32 copy of every logits array it returns to ``kept``."""
 
-        return RecordingState()
+    def __init__(self, state, kept: list[np.ndarray]):
+        self.state, self.kept = state, kept
+
+    def prefill(self, *args):
+        return self._keep(self.state.prefill(*args))
+
+    def step(self, *args):
+        return self._keep(self.state.step(*args))
+
+    def _keep(self, logits) -> np.ndarray:
+        self.kept.append(np.array(logits, dtype=np.float32))
+        return self.kept[-1]
 
 
 class _GraphStages:

@@ -45,8 +45,8 @@ from . import Backend, DecodeState, KVLayout
 
 __all__ = ["OrtBackend", "OrtConcatState", "OrtFixedCapacityState", "ort_providers", "prepack_only_ops"]
 
-# Graphs run once per image or request, with large, shape-dependent intermediates (GLM-OCR: ~1.5 GB for a
-# 4096-patch image). ONNX Runtime's memory pattern (one planned block per input shape, kept from a session's second
+# Graphs run once per image or request, with large, shape-dependent intermediates (GLM-OCR: ~0.7 GB for a
+# 4096-patch image, its attention taken four heads at a time). ONNX Runtime's memory pattern (one planned block per input shape, kept from a session's second
 # run on; off for every session) and its CPU arena (freed blocks kept for good; off for these) would hold that
 # memory after the call: about +2 GB of process peak from the second request on (GLM-OCR fp32, `glmtrt bench
 # --repeats 2`), for no measurable speed. Decode keeps its arena: small allocations every step.
